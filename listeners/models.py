@@ -1,0 +1,75 @@
+"""Listener bookkeeping (inbox, dead letters) and the local read model of tickets."""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class InboxEntry(models.Model):
+    """One row per (consumer, event) applied: written in the handler's transaction."""
+
+    consumer = models.CharField(max_length=200)
+    event_id = models.CharField(max_length=64)
+    subject = models.CharField(max_length=200)
+    stream_sequence = models.BigIntegerField(null=True, blank=True)
+    outcome = models.CharField(max_length=32)
+    processed_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "inbox entry"
+        verbose_name_plural = "inbox"
+        constraints = [models.UniqueConstraint(fields=["consumer", "event_id"], name="inbox_once_per_consumer")]
+        indexes = [models.Index(fields=["processed_at"], name="inbox_processed_at")]
+
+    def __str__(self) -> str:
+        return f"{self.consumer} {self.subject} {self.event_id}"
+
+
+class DeadLetterStatus(models.TextChoices):
+    DEAD = "dead", "Dead"
+    REPLAYED = "replayed", "Replayed"
+
+
+class DeadLetter(models.Model):
+    """A message a listener gave up on: kept with the reason, replayable from the admin."""
+
+    consumer = models.CharField(max_length=200)
+    subject = models.CharField(max_length=200)
+    event_id = models.CharField(max_length=64, blank=True, default="")
+    stream = models.CharField(max_length=100, blank=True, default="")
+    stream_sequence = models.BigIntegerField(null=True, blank=True)
+    #: The message body as text (invalid UTF-8 replaced); editable so an operator can fix it before a replay.
+    payload = models.TextField(blank=True, default="")
+    #: The exact bytes received.
+    raw = models.BinaryField(blank=True, default=b"")
+    headers = models.JSONField(default=dict, blank=True)
+    error = models.TextField()
+    deliveries = models.PositiveIntegerField(default=1)
+    status = models.CharField(max_length=16, choices=DeadLetterStatus.choices, default=DeadLetterStatus.DEAD)
+    created_at = models.DateTimeField(auto_now_add=True)
+    replayed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["status", "created_at"], name="deadletter_status_created")]
+
+    def __str__(self) -> str:
+        return f"{self.consumer} {self.subject} #{self.stream_sequence} ({self.status})"
+
+
+class TicketReplica(models.Model):
+    """This service's copy of tickets, kept by TicketCreatedListener / TicketUpdatedListener."""
+
+    id = models.CharField(primary_key=True, max_length=200)
+    title = models.CharField(max_length=200)
+    price = models.DecimalField(max_digits=12, decimal_places=2)
+    user_id = models.CharField(max_length=200)
+    order_id = models.CharField(max_length=200, null=True, blank=True)
+    version = models.PositiveIntegerField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "ticket replica"
+
+    def __str__(self) -> str:
+        return f"{self.title} v{self.version}"

@@ -1,0 +1,57 @@
+"""Finds listeners by subject."""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from django.conf import settings
+
+from listeners.base import Listener
+from listeners.errors import UnknownListenerSubject
+from outbox.contracts import registry as contracts
+
+_listeners: list[type[Listener]] = []
+
+
+def listener(cls: type[Listener]) -> type[Listener]:
+    """Class decorator: make a Listener runnable with ``manage.py listen``."""
+    if not cls.subjects:
+        raise ValueError(f"{cls.__name__} declares no subjects")
+    if not cls.group:
+        raise ValueError(f"{cls.__name__} declares no group")
+    for name in cls.subjects:
+        contracts.get(name)  # an unknown event name is a programming error: fail at import
+    if cls not in _listeners:
+        _listeners.append(cls)
+    return cls
+
+
+def autodiscover() -> None:
+    for module in getattr(settings, "LISTENERS", {}).get("HANDLER_MODULES", []):
+        import_module(module)
+
+
+def all_listeners() -> list[type[Listener]]:
+    return list(_listeners)
+
+
+def known_subjects() -> list[str]:
+    return sorted({s for cls in _listeners for s in cls.subjects})
+
+
+def listeners_for(subjects: list[str], *, group: str | None = None) -> list[type[Listener]]:
+    """The listeners that handle the given subjects (optionally of one group)."""
+    unknown = [s for s in subjects if s not in known_subjects()]
+    if unknown:
+        raise UnknownListenerSubject(
+            f"no listener for {', '.join(unknown)}; known subjects: {', '.join(known_subjects()) or 'none'}"
+        )
+    chosen = [
+        cls
+        for cls in _listeners
+        if set(cls.subjects) & set(subjects) and (group is None or cls.group == group)
+    ]
+    if not chosen:
+        groups = sorted({cls.group for cls in _listeners if set(cls.subjects) & set(subjects)})
+        raise UnknownListenerSubject(f"no listener of group {group!r} for these subjects; groups: {', '.join(groups)}")
+    return chosen

@@ -1,0 +1,106 @@
+"""The ``OUTBOX`` settings dict, with documented defaults.
+
+Read a value with ``outbox_settings().BATCH_SIZE``. Unknown keys are an error
+(system check ``outbox.E001``) so that a typo never silently keeps a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+
+from outbox.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    #: Prepended to every event name to form the NATS subject ("" keeps the course's names).
+    SUBJECT_PREFIX: str = ""
+    #: Prepended to every stream name; lets several environments share one NATS account.
+    STREAM_PREFIX: str = ""
+    #: Stream replicas (1 on a single server, 3 in a cluster).
+    STREAM_REPLICAS: int = 1
+    #: "file" or "memory".
+    STREAM_STORAGE: str = "file"
+    #: How long JetStream remembers a Nats-Msg-Id; must exceed the relay's worst retry gap.
+    DUPLICATE_WINDOW: float = 300.0
+    #: Rows claimed by one relay batch.
+    BATCH_SIZE: int = 500
+    #: How long a claimed row belongs to its relay before another may reclaim it.
+    LEASE_SECONDS: float = 30.0
+    #: Seconds to wait for one PubAck.
+    PUBLISH_TIMEOUT: float = 5.0
+    #: Publish attempts before a row becomes dead.
+    MAX_ATTEMPTS: int = 12
+    #: Exponential backoff between attempts: BASE * 2**(attempt-1), capped, with jitter.
+    BACKOFF_BASE: float = 0.5
+    BACKOFF_MAX: float = 60.0
+    #: Published rows older than this are purged by the beat task; dead rows never are.
+    RETENTION: timedelta = timedelta(days=7)
+    #: Rows deleted per purge statement.
+    PURGE_BATCH: int = 5000
+    #: Seconds a relay task keeps draining before it hands over to a fresh task.
+    TASK_TIME_BUDGET: float = 20.0
+    #: Celery queue of the relay tasks.
+    CELERY_QUEUE: str = "outbox"
+    #: Seconds between beat sweeps (the backstop for lost kicks).
+    SWEEP_INTERVAL: float = 5.0
+    #: Kick the relay on commit (turn off to rely on the sweep alone).
+    KICK_ON_COMMIT: bool = True
+    #: Modules imported at start-up that register event contracts.
+    CONTRACT_MODULES: list[str] = field(default_factory=list)
+
+
+_KNOWN = {f.name for f in fields(OutboxSettings)}
+
+
+def unknown_keys() -> list[str]:
+    raw: dict[str, Any] = getattr(settings, "OUTBOX", {}) or {}
+    return sorted(set(raw) - _KNOWN)
+
+
+def outbox_settings() -> OutboxSettings:
+    raw: dict[str, Any] = dict(getattr(settings, "OUTBOX", {}) or {})
+    bad = sorted(set(raw) - _KNOWN)
+    if bad:
+        raise ConfigurationError(f"Unknown OUTBOX setting(s): {', '.join(bad)}. Known: {', '.join(sorted(_KNOWN))}.")
+    retention = raw.get("RETENTION")
+    if isinstance(retention, int | float):
+        raw["RETENTION"] = timedelta(seconds=retention)
+    return OutboxSettings(**raw)
+
+
+@dataclass(frozen=True)
+class NatsSettings:
+    SERVERS: list[str] = field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    NAME: str = ""
+    USER: str = ""
+    PASSWORD: str = ""
+    TOKEN: str = ""
+    CREDENTIALS_FILE: str = ""
+    TLS_CA_FILE: str = ""
+    TLS_CERT_FILE: str = ""
+    TLS_KEY_FILE: str = ""
+    CONNECT_TIMEOUT: float = 2.0
+
+
+_NATS_KNOWN = {f.name for f in fields(NatsSettings)}
+
+
+def nats_unknown_keys() -> list[str]:
+    raw: dict[str, Any] = getattr(settings, "NATS", {}) or {}
+    return sorted(set(raw) - _NATS_KNOWN)
+
+
+def nats_settings() -> NatsSettings:
+    raw: dict[str, Any] = dict(getattr(settings, "NATS", {}) or {})
+    bad = sorted(set(raw) - _NATS_KNOWN)
+    if bad:
+        raise ConfigurationError(f"Unknown NATS setting(s): {', '.join(bad)}. Known: {', '.join(sorted(_NATS_KNOWN))}.")
+    servers = raw.get("SERVERS")
+    if isinstance(servers, str):
+        raw["SERVERS"] = [s.strip() for s in servers.split(",") if s.strip()]
+    return NatsSettings(**raw)

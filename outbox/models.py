@@ -1,0 +1,64 @@
+"""The outbox table.
+
+A row is written by :func:`outbox.emit` in the same transaction as the business
+change, then published by the relay. Rows move ``pending -> published`` or, after
+``MAX_ATTEMPTS`` failures, ``pending -> dead`` (visible, requeue-able, never
+deleted automatically). A pending row with ``lease_until`` in the future is *in
+flight*: a relay claimed it and is publishing it.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.db.models import Q
+from django.db.models.functions import Now
+
+
+class OutboxStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    PUBLISHED = "published", "Published"
+    DEAD = "dead", "Dead"
+
+
+class OutboxEvent(models.Model):
+    #: The event's identity everywhere: primary key, Nats-Msg-Id and the consumers' inbox key.
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    #: Commit-independent ordering key from a database sequence (filled by the database).
+    seq = models.BigIntegerField(db_default=0, editable=False, unique=True)
+    subject = models.CharField(max_length=200)
+    payload = models.JSONField()
+    headers = models.JSONField(default=dict, blank=True)
+    aggregate_type = models.CharField(max_length=100)
+    aggregate_id = models.CharField(max_length=200)
+    aggregate_version = models.BigIntegerField(null=True, blank=True)
+    status = models.CharField(max_length=16, choices=OutboxStatus.choices, default=OutboxStatus.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(db_default=Now())
+    lease_until = models.DateTimeField(null=True, blank=True)
+    lease_owner = models.CharField(max_length=100, blank=True, default="")
+    last_error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(db_default=Now())
+    published_at = models.DateTimeField(null=True, blank=True)
+    stream = models.CharField(max_length=100, blank=True, default="")
+    stream_sequence = models.BigIntegerField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "outbox event"
+        indexes = [
+            # The relay's scan: pending rows in commit-independent order.
+            models.Index(fields=["seq"], name="outbox_pending_seq", condition=Q(status="pending")),
+            # "Is there an earlier unfinished row of this aggregate?" — touches unfinished rows only.
+            models.Index(
+                fields=["aggregate_type", "aggregate_id", "seq"],
+                name="outbox_unfinished_agg",
+                condition=~Q(status="published"),
+            ),
+            models.Index(fields=["aggregate_type", "aggregate_id"], name="outbox_aggregate"),
+            models.Index(fields=["published_at"], name="outbox_published_at", condition=Q(status="published")),
+            models.Index(fields=["status", "subject"], name="outbox_status_subject"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.subject} {self.aggregate_type}:{self.aggregate_id} v{self.aggregate_version} ({self.status})"

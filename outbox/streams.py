@@ -1,0 +1,103 @@
+"""Streams derived from the contract registry, created and updated idempotently."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from outbox.conf import OutboxSettings, outbox_settings
+from outbox.contracts import registry
+
+
+def nats_subject(event_name: str, conf: OutboxSettings | None = None) -> str:
+    return f"{(conf or outbox_settings()).SUBJECT_PREFIX}{event_name}"
+
+
+def event_name_from_subject(subject: str, conf: OutboxSettings | None = None) -> str:
+    prefix = (conf or outbox_settings()).SUBJECT_PREFIX
+    return subject[len(prefix) :] if prefix and subject.startswith(prefix) else subject
+
+
+def stream_name(stream: str, conf: OutboxSettings | None = None) -> str:
+    return f"{(conf or outbox_settings()).STREAM_PREFIX}{stream}"
+
+
+def stream_for_event(event_name: str) -> str:
+    return stream_name(registry.get(event_name).stream)
+
+
+def desired_configs(conf: OutboxSettings | None = None) -> list[StreamConfig]:
+    conf = conf or outbox_settings()
+    configs = []
+    for stream, names in sorted(registry.streams().items()):
+        configs.append(
+            StreamConfig(
+                name=stream_name(stream, conf),
+                description=f"Outbox events: {', '.join(names)}",
+                subjects=[nats_subject(n, conf) for n in names],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE if conf.STREAM_STORAGE == "file" else StorageType.MEMORY,
+                discard=DiscardPolicy.OLD,
+                duplicate_window=conf.DUPLICATE_WINDOW,
+                num_replicas=conf.STREAM_REPLICAS,
+            )
+        )
+    return configs
+
+
+@dataclass
+class StreamReport:
+    name: str
+    action: str  # created | updated | unchanged
+    drift: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+
+def _drift(current: StreamConfig, desired: StreamConfig) -> dict[str, tuple[Any, Any]]:
+    diffs: dict[str, tuple[Any, Any]] = {}
+    if sorted(current.subjects or []) != sorted(desired.subjects or []):
+        diffs["subjects"] = (current.subjects, desired.subjects)
+    for attr in ("retention", "storage", "num_replicas", "discard"):
+        if getattr(current, attr) != getattr(desired, attr):
+            diffs[attr] = (getattr(current, attr), getattr(desired, attr))
+    if abs((current.duplicate_window or 0) - (desired.duplicate_window or 0)) > 0.001:
+        diffs["duplicate_window"] = (current.duplicate_window, desired.duplicate_window)
+    return diffs
+
+
+async def ensure_streams(js: JetStreamContext, *, apply: bool = True) -> list[StreamReport]:
+    """Create missing streams and bring drifted ones back to the desired config.
+
+    Storage and retention cannot be changed on an existing stream; such drift is
+    reported and left for an operator (the stream would have to be recreated).
+    """
+    reports = []
+    for desired in desired_configs():
+        try:
+            info = await js.stream_info(desired.name)
+        except NotFoundError:
+            if apply:
+                await js.add_stream(desired)
+            reports.append(StreamReport(desired.name, "created" if apply else "missing"))
+            continue
+        current = info.config
+        drift = _drift(current, desired)
+        if not drift:
+            reports.append(StreamReport(desired.name, "unchanged"))
+            continue
+        fixable = {k: v for k, v in drift.items() if k not in {"storage", "retention"}}
+        if apply and fixable:
+            merged = current.evolve(
+                subjects=desired.subjects,
+                duplicate_window=desired.duplicate_window,
+                num_replicas=desired.num_replicas,
+                discard=desired.discard,
+                description=desired.description,
+            )
+            await js.update_stream(merged)
+        action = "updated" if apply and fixable else "drift"
+        reports.append(StreamReport(desired.name, action, drift))
+    return reports

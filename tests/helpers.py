@@ -1,0 +1,187 @@
+"""Shared helpers of the test suite: waiting on conditions, processes, streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def wait_for(condition: Callable[[], Any], *, timeout: float = 60.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll until ``condition()`` is truthy; fail with ``what`` after a generous bound."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or condition} (last value: {last!r})")
+
+
+def test_database_url() -> str:
+    settings = connection.settings_dict
+    return f"postgres://{settings['USER']}@{settings['HOST']}:{settings['PORT']}/{settings['NAME']}"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a child process that must see this test's database."""
+    env = dict(os.environ)
+    env["DATABASE_URL"] = test_database_url()
+    env.pop("TEST_DATABASE_NAME", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def manage(*args: str, env: dict[str, str] | None = None, log: Path | None = None, **kwargs: Any) -> subprocess.Popen:
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        [PYTHON, str(ROOT / "manage.py"), *args],
+        cwd=ROOT,
+        env=env or subprocess_env(),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        **kwargs,
+    )
+
+
+def celery_worker(*, env: dict[str, str] | None = None, log: Path | None = None, beat: bool = False) -> subprocess.Popen:
+    env = env or subprocess_env()
+    args = [PYTHON, "-m", "celery", "-A", "ticketing", "worker", "--pool=solo", "-Q", env["OUTBOX_CELERY_QUEUE"],
+            "--loglevel=WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "-n", f"relay-{time.monotonic_ns()}@%h"]
+    if beat:
+        args += ["--beat", "--schedule", str(Path(tempfile.mkdtemp()) / "beat-schedule")]
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, *, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return proc.wait(timeout)
+    return proc.returncode
+
+
+def kill(proc: subprocess.Popen) -> None:
+    stop(proc, sig=signal.SIGKILL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_async(coro):
+    return asyncio.run(coro)
+
+
+async def stream_messages(stream: str, *, url: str | None = None) -> list[dict[str, Any]]:
+    """Every message of a stream, in stream order: subject, seq, headers, data."""
+    nc = await nats.connect(url or os.environ["NATS_URL"], connect_timeout=2)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        result = []
+        seq = info.state.first_seq
+        while seq and seq <= info.state.last_seq:
+            try:
+                msg = await js.get_msg(stream, seq)
+            except nats.js.errors.NotFoundError:
+                seq += 1
+                continue
+            result.append(
+                {"subject": msg.subject, "seq": msg.seq, "headers": dict(msg.headers or {}), "data": json.loads(msg.data)}
+            )
+            seq += 1
+        return result
+    finally:
+        await nc.close()
+
+
+def read_stream(stream: str, *, url: str | None = None) -> list[dict[str, Any]]:
+    return asyncio.run(stream_messages(stream, url=url))
+
+
+async def _delete_streams(prefix: str, url: str) -> None:
+    nc = await nats.connect(url, connect_timeout=2)
+    try:
+        js = nc.jetstream()
+        for info in await js.streams_info():
+            if info.config.name.startswith(prefix):
+                await js.delete_stream(info.config.name)
+    finally:
+        await nc.close()
+
+
+def delete_streams(prefix: str, url: str | None = None) -> None:
+    asyncio.run(_delete_streams(prefix, url or os.environ["NATS_URL"]))
+
+
+class PrivateNats:
+    """A nats-server of our own on a free loopback port, with a file store, to kill and restart."""
+
+    def __init__(self, *, binary: str | None = None, store: Path | None = None, extra: list[str] | None = None) -> None:
+        self.binary = binary or str(Path(PYTHON).parent / "nats-server")
+        if not Path(self.binary).exists():
+            self.binary = "/usr/sbin/nats-server"
+        self.port = free_port()
+        self.store = store or Path(tempfile.mkdtemp(prefix="nats-store-"))
+        self.extra = extra or []
+        self.proc: subprocess.Popen | None = None
+        self.url = f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> PrivateNats:
+        self.proc = subprocess.Popen(
+            [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store), *self.extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for(self._answers, timeout=30, what=f"nats-server on {self.port}")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                return s.recv(4).startswith(b"INFO")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
