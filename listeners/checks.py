@@ -19,5 +19,7 @@ def check_listeners_settings(app_configs=None, **kwargs):  # noqa: ARG001
         errors.append(Error(f"Unknown LISTENERS setting(s): {', '.join(unknown)}.", id="listeners.E001"))
     for module in raw.get("HANDLER_MODULES", []):
         if find_spec(module) is None:
-            errors.append(Error(f"LISTENERS['HANDLER_MODULES'] names {module!r}, which cannot be imported.", id="listeners.E002"))
+            errors.append(
+                Error(f"LISTENERS['HANDLER_MODULES'] names {module!r}, which cannot be imported.", id="listeners.E002")
+            )
     return errors

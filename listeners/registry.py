@@ -46,11 +46,7 @@ def listeners_for(subjects: list[str], *, group: str | None = None) -> list[type
         raise UnknownListenerSubject(
             f"no listener for {', '.join(unknown)}; known subjects: {', '.join(known_subjects()) or 'none'}"
         )
-    chosen = [
-        cls
-        for cls in _listeners
-        if set(cls.subjects) & set(subjects) and (group is None or cls.group == group)
-    ]
+    chosen = [cls for cls in _listeners if set(cls.subjects) & set(subjects) and (group is None or cls.group == group)]
     if not chosen:
         groups = sorted({cls.group for cls in _listeners if set(cls.subjects) & set(subjects)})
         raise UnknownListenerSubject(f"no listener of group {group!r} for these subjects; groups: {', '.join(groups)}")

@@ -71,13 +71,9 @@ def plan_consumers(
         base = durable or group
         if len(grouped) > 1 and durable:
             base = f"{durable}-{stream}"
-        chunks: list[list[str]]
-        if names == stream_all:
-            chunks = [names]
-        elif len(names) == 1 or multi_filter:
-            chunks = [names]
-        else:
-            chunks = [[n] for n in names]  # nats-server < 2.10: one filter subject per consumer
+        # nats-server < 2.10 filters on one subject per consumer: split a partial set.
+        single = names == stream_all or len(names) == 1 or multi_filter
+        chunks = [names] if single else [[n] for n in names]
         for chunk in chunks:
             whole = chunk == stream_all
             suffix = stream if whole else "_".join(durable_slug(n) for n in chunk)
@@ -199,13 +195,11 @@ class ListenerRunner:
         return self.stats
 
     def _done(self) -> bool:
-        if self._stop.is_set():
-            return True
-        if self.max_messages is not None and self.stats.handled >= self.max_messages:
-            return True
-        if self.idle_exit is not None and time.monotonic() - self._last_activity > self.idle_exit:
-            return True
-        return False
+        return (
+            self._stop.is_set()
+            or (self.max_messages is not None and self.stats.handled >= self.max_messages)
+            or (self.idle_exit is not None and time.monotonic() - self._last_activity > self.idle_exit)
+        )
 
     async def _consume(self, js: JetStreamContext, plan: ConsumerPlan) -> None:
         psub = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
@@ -228,8 +222,8 @@ class ListenerRunner:
                 if failures % 20 == 0:
                     try:
                         await self._ensure_consumer(js, plan)
-                    except Exception:  # noqa: BLE001
-                        pass
+                    except Exception as exc2:  # noqa: BLE001
+                        logger.debug("listener.ensure_consumer_failed error=%s", exc2)
                 continue
             failures = 0
             if not msgs:

@@ -57,6 +57,10 @@ def check_outbox_settings(app_configs=None, **kwargs):  # noqa: ARG001
                 errors.append(Error(f"NATS_URL entry {server!r} has an invalid port.", id="outbox.E007"))
     if not registry.names():
         errors.append(
-            Warning("No event contracts are registered.", hint="List modules in OUTBOX['CONTRACT_MODULES'].", id="outbox.W002")
+            Warning(
+                "No event contracts are registered.",
+                hint="List modules in OUTBOX['CONTRACT_MODULES'].",
+                id="outbox.W002",
+            )
         )
     return errors

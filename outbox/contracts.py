@@ -20,7 +20,6 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any, ClassVar, TypeVar
 
 import msgspec

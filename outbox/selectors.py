@@ -55,9 +55,7 @@ def outbox_backlog(*, per_subject: bool = False) -> Backlog:
 
 
 def outbox_events_for_aggregate(*, aggregate_type: str, aggregate_id: str, limit: int = 50):
-    return OutboxEvent.objects.filter(aggregate_type=aggregate_type, aggregate_id=aggregate_id).order_by("-seq")[
-        :limit
-    ]
+    return OutboxEvent.objects.filter(aggregate_type=aggregate_type, aggregate_id=aggregate_id).order_by("-seq")[:limit]
 
 
 async def stream_summaries(js: Any) -> list[dict[str, Any]]:

@@ -7,7 +7,6 @@ from collections.abc import Iterable
 from uuid import UUID
 
 from django.db import transaction
-
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -77,5 +76,3 @@ def _kick() -> None:
     from outbox.kick import kick_relay
 
     kick_relay()
-
-

@@ -96,16 +96,41 @@ def main() -> int:
         say("starting the relay (celery worker --beat) and two listeners")
         procs.append(
             subprocess.Popen(
-                [PY, "-m", "celery", "-A", "ticketing", "worker", "--beat", "--pool=solo", "-Q", queue,
-                 "--loglevel=WARNING", "--quiet", "--without-gossip", "--without-mingle",
-                 "--schedule", str(VAR / "celerybeat-schedule"), "-n", f"demo-relay-{os.getpid()}@%h"],
-                cwd=ROOT, env=env, start_new_session=True,
+                [
+                    PY,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "ticketing",
+                    "worker",
+                    "--beat",
+                    "--pool=solo",
+                    "-Q",
+                    queue,
+                    "--loglevel=WARNING",
+                    "--quiet",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--schedule",
+                    str(VAR / "celerybeat-schedule"),
+                    "-n",
+                    f"demo-relay-{os.getpid()}@%h",
+                ],
+                cwd=ROOT,
+                env=env,
+                start_new_session=True,
             )
         )
-        procs.append(subprocess.Popen(manage("listen", "ticket:created", "ticket:updated"), cwd=ROOT, env=env,
-                                      start_new_session=True))
-        procs.append(subprocess.Popen(manage("listen", "order:created", "order:cancelled"), cwd=ROOT, env=env,
-                                      start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                manage("listen", "ticket:created", "ticket:updated"), cwd=ROOT, env=env, start_new_session=True
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                manage("listen", "order:created", "order:cancelled"), cwd=ROOT, env=env, start_new_session=True
+            )
+        )
         result = subprocess.run(manage("demo_tickets"), cwd=ROOT, env=env)
         return result.returncode
     finally:

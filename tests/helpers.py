@@ -62,11 +62,27 @@ def manage(*args: str, env: dict[str, str] | None = None, log: Path | None = Non
     )
 
 
-def celery_worker(*, env: dict[str, str] | None = None, log: Path | None = None, beat: bool = False) -> subprocess.Popen:
+def celery_worker(
+    *, env: dict[str, str] | None = None, log: Path | None = None, beat: bool = False
+) -> subprocess.Popen:
     env = env or subprocess_env()
-    args = [PYTHON, "-m", "celery", "-A", "ticketing", "worker", "--pool=solo", "-Q", env["OUTBOX_CELERY_QUEUE"],
-            "--loglevel=WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "-n", f"relay-{time.monotonic_ns()}@%h"]
+    args = [
+        PYTHON,
+        "-m",
+        "celery",
+        "-A",
+        "ticketing",
+        "worker",
+        "--pool=solo",
+        "-Q",
+        env["OUTBOX_CELERY_QUEUE"],
+        "--loglevel=WARNING",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-n",
+        f"relay-{time.monotonic_ns()}@%h",
+    ]
     if beat:
         args += ["--beat", "--schedule", str(Path(tempfile.mkdtemp()) / "beat-schedule")]
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
@@ -116,7 +132,12 @@ async def stream_messages(stream: str, *, url: str | None = None) -> list[dict[s
                 seq += 1
                 continue
             result.append(
-                {"subject": msg.subject, "seq": msg.seq, "headers": dict(msg.headers or {}), "data": json.loads(msg.data)}
+                {
+                    "subject": msg.subject,
+                    "seq": msg.seq,
+                    "headers": dict(msg.headers or {}),
+                    "data": json.loads(msg.data),
+                }
             )
             seq += 1
         return result

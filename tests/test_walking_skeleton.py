@@ -12,9 +12,9 @@ from listeners.models import TicketReplica
 from outbox.models import OutboxEvent, OutboxStatus
 from outbox.relay import Relay
 from outbox.streams import stream_name
+from tests.helpers import read_stream
 from ticketing.models import Ticket
 from ticketing.services import ticket_create, ticket_update
-from tests.helpers import read_stream
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -29,9 +29,7 @@ def test_ticket_created_then_updated_reaches_replica_with_same_fields_and_versio
 
     messages = read_stream(stream_name("TICKETS"))
     assert [m["data"]["version"] for m in messages] == [0, 1]
-    assert [m["headers"]["Nats-Msg-Id"] for m in messages] == [
-        str(e.id) for e in OutboxEvent.objects.order_by("seq")
-    ]
+    assert [m["headers"]["Nats-Msg-Id"] for m in messages] == [str(e.id) for e in OutboxEvent.objects.order_by("seq")]
 
     call_command("listen", "ticket:created", "ticket:updated", "--max-messages", "2", "--idle-exit", "60")
 

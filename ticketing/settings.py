@@ -42,7 +42,8 @@ if not SECRET_KEY:
         SECRET_KEY = _DEV_SECRET
     else:
         raise ImproperlyConfigured(
-            "SECRET_KEY is not set. Set SECRET_KEY in the environment, or DEBUG=1 / DJANGO_DEV=1 on a development machine."
+            "SECRET_KEY is not set. Set SECRET_KEY in the environment, "
+            "or DEBUG=1 / DJANGO_DEV=1 on a development machine."
         )
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost")

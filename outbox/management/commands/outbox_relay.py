@@ -32,7 +32,10 @@ class Command(BaseCommand):
             if options["drain"]:
                 backlog = outbox_backlog().pending
                 with Progress(
-                    TextColumn("[bold]outbox[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("[bold]outbox[/]"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
                     disable=options["quiet"],
                 ) as progress:
                     task = progress.add_task("drain", total=backlog)

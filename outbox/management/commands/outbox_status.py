@@ -38,8 +38,11 @@ class Command(BaseCommand):
         table.add_column("oldest pending")
         age = f"{backlog.oldest_pending_age:.1f}s" if backlog.oldest_pending_age is not None else "-"
         table.add_row(
-            str(backlog.pending), str(backlog.in_flight), str(backlog.dead),
-            f"{backlog.published_last_minute} / {backlog.published_last_hour}", age,
+            str(backlog.pending),
+            str(backlog.in_flight),
+            str(backlog.dead),
+            f"{backlog.published_last_minute} / {backlog.published_last_hour}",
+            age,
         )
         console.print(table)
         per = Table(title="per subject")
@@ -55,8 +58,13 @@ class Command(BaseCommand):
         for col in ("stream", "subjects", "messages", "last seq", "consumers"):
             st.add_column(col)
         for s in streams or []:
-            st.add_row(s["stream"], ", ".join(s["subjects"]), str(s.get("messages", "missing")),
-                       str(s.get("last_seq", "-")), str(s.get("consumers", "-")))
+            st.add_row(
+                s["stream"],
+                ", ".join(s["subjects"]),
+                str(s.get("messages", "missing")),
+                str(s.get("last_seq", "-")),
+                str(s.get("consumers", "-")),
+            )
         console.print(st)
 
 

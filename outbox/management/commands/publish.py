@@ -52,5 +52,3 @@ class Command(BaseCommand):
         raise CommandError(
             f"event {row.id} is still pending after {options['timeout']:.0f}s (is a relay worker running?)"
         )
-
-

@@ -1,0 +1,58 @@
+# Quick start: `make demo`, then `make test`. Everything installs into .venv from requirements.lock.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install demo run test test-fast test-cluster lint format bench bench-quick soak superuser clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP)
+
+## demo: tickets change, events flow through the outbox and NATS, a listener updates its copy
+demo: install
+	$(PY) scripts/demo.py
+
+## run: web (admin on 127.0.0.1:8000), relay worker + beat, listeners; Ctrl-C stops all
+run: install
+	DJANGO_DEV=1 DEBUG=1 $(PY) manage.py migrate --no-input -v 0
+	DJANGO_DEV=1 DEBUG=1 $(VENV)/bin/honcho start
+
+superuser: install
+	DJANGO_DEV=1 $(PY) manage.py createsuperuser
+
+## test: the whole suite against real PostgreSQL, Redis and NATS JetStream
+test: install
+	bash scripts/services.sh
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+## bench: every benchmark, JSON to benchmarks/results/latest.json, a chart and a table
+bench: install
+	bash scripts/services.sh
+	$(PY) benchmarks/run_all.py
+
+bench-quick: install
+	bash scripts/services.sh
+	$(PY) benchmarks/run_all.py --quick
+
+## soak: the fault suite with more events and more kills (minutes)
+soak: install
+	bash scripts/services.sh
+	SOAK=1 $(PY) -m pytest -q tests/faults -p no:randomly
+
+clean:
+	rm -rf var .pytest_cache benchmarks/results/*.tmp
