@@ -1,0 +1,284 @@
+"""Admin of the listeners' bookkeeping: dead letters, the inbox and the ticket replica.
+
+A dead letter is the one row an operator works on: its payload is editable text
+(the bytes received stay as they were, for the record), and "Replay" applies the
+payload through its listener with :func:`listeners.processing.dead_letter_replay`,
+exactly once, recording the inbox row as a live delivery would. The inbox and the
+replica are written only by listeners and are read-only here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.utils.html import format_html
+from django.utils.text import Truncator
+from django.utils.translation import ngettext
+
+from listeners.models import DeadLetter, DeadLetterStatus, InboxEntry, TicketReplica
+from listeners.processing import ACK, dead_letter_replay
+from outbox.admin import ReadOnlyAdminMixin, badge, pretty_json
+from outbox.contracts import registry
+from outbox.errors import InvalidPayloadError, UnknownSubjectError
+
+DEAD_LETTER_TONES = {DeadLetterStatus.DEAD: "error", DeadLetterStatus.REPLAYED: "success"}
+#: Failures listed one by one in the replay report; the rest are counted.
+REPORTED_FAILURES = 10
+
+
+class DeadLetterForm(forms.ModelForm):
+    class Meta:
+        model = DeadLetter
+        fields = ["payload"]
+        widgets = {
+            "payload": forms.Textarea(
+                attrs={"rows": 14, "spellcheck": "false", "style": "font-family: monospace; width: 100%"}
+            )
+        }
+        help_texts = {
+            "payload": "The message body as JSON. Correct it, then “Save and replay”; a changed payload is "
+            "checked against the subject's contract before it is saved."
+        }
+
+    def clean_payload(self) -> str:
+        payload = self.cleaned_data["payload"]
+        if "payload" not in self.changed_data:
+            return payload
+        try:
+            contract = registry.get(self.instance.subject)
+        except UnknownSubjectError:
+            return payload  # nothing to check it against; the replay reports what it finds
+        try:
+            contract.decode(payload)
+        except InvalidPayloadError as exc:
+            raise forms.ValidationError(f"Still not a valid {contract.name} payload: {exc}") from exc
+        return payload
+
+
+@admin.register(DeadLetter)
+class DeadLetterAdmin(admin.ModelAdmin):
+    """Dead letters: inspect, correct the payload, replay."""
+
+    form = DeadLetterForm
+    list_display = (
+        "created_at",
+        "consumer",
+        "subject",
+        "stream_sequence",
+        "deliveries",
+        "status_badge",
+        "short_error",
+    )
+    list_display_links = ("created_at", "subject")
+    show_facets = admin.ShowFacets.NEVER
+    list_filter = ("status", "consumer", "subject")
+    search_fields = ("=event_id",)
+    search_help_text = "An event id (exact)."
+    ordering = ("-created_at",)
+    list_per_page = 100
+    show_full_result_count = False
+    actions = ("replay",)
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    "status_badge",
+                    "consumer",
+                    "subject",
+                    "event_id",
+                    "stream",
+                    "stream_sequence",
+                    "deliveries",
+                    "created_at",
+                    "replayed_at",
+                )
+            },
+        ),
+        ("Why", {"fields": ("error_text",)}),
+        ("Message", {"fields": ("payload", "raw_received", "headers_pretty")}),
+    )
+    _DISPLAY_FIELDS = (
+        "status_badge",
+        "consumer",
+        "subject",
+        "event_id",
+        "stream",
+        "stream_sequence",
+        "deliveries",
+        "created_at",
+        "replayed_at",
+        "error_text",
+        "raw_received",
+        "headers_pretty",
+    )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # listeners write dead letters
+
+    def get_readonly_fields(self, request: HttpRequest, obj: DeadLetter | None = None) -> tuple[str, ...]:
+        if obj is not None and obj.status != DeadLetterStatus.DEAD:
+            return (*self._DISPLAY_FIELDS, "payload")  # replayed: the record of what was applied
+        return self._DISPLAY_FIELDS
+
+    # -- columns -------------------------------------------------------------------
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, obj: DeadLetter) -> str:
+        return badge(obj.get_status_display(), DEAD_LETTER_TONES.get(obj.status, "info"))
+
+    @admin.display(description="error")
+    def short_error(self, obj: DeadLetter) -> str:
+        return format_html(
+            '<span title="{}" style="display:inline-block;min-width:16em">{}</span>',
+            Truncator(obj.error).chars(500),
+            Truncator(obj.error).chars(80),
+        )
+
+    @admin.display(description="error")
+    def error_text(self, obj: DeadLetter) -> str:
+        return _pre(obj.error)
+
+    @admin.display(description="bytes received")
+    def raw_received(self, obj: DeadLetter) -> str:
+        raw = bytes(obj.raw or b"")
+        text = raw.decode("utf-8", errors="replace")
+        note = "" if text == obj.payload else " — the payload above was edited since"
+        return _pre(text, caption=f"{len(raw)} bytes, not editable{note}")
+
+    @admin.display(description="headers")
+    def headers_pretty(self, obj: DeadLetter) -> str:
+        return pretty_json(obj.headers)
+
+    # -- saving the corrected payload ----------------------------------------------
+
+    def save_model(self, request: HttpRequest, obj: DeadLetter, form: DeadLetterForm, change: bool) -> None:
+        # Only the payload is the operator's to change; status and the record stay the listener's.
+        if "payload" in form.changed_data:
+            obj.save(update_fields=["payload"])
+
+    def response_change(self, request: HttpRequest, obj: DeadLetter) -> HttpResponse:
+        if "_replay" in request.POST:
+            self._replay(request, [obj.pk])
+            return HttpResponseRedirect(request.path)
+        return super().response_change(request, obj)
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: DeadLetter | None = None,
+    ) -> HttpResponse:
+        context["can_replay"] = (
+            obj is not None and obj.status == DeadLetterStatus.DEAD and self.has_replay_permission(request)
+        )
+        return super().render_change_form(request, context, add=add, change=change, form_url=form_url, obj=obj)
+
+    # -- replay ----------------------------------------------------------------------
+
+    def has_replay_permission(self, request: HttpRequest) -> bool:
+        opts = self.opts
+        return request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}")
+
+    @admin.action(description="Replay selected dead letters", permissions=["replay"])
+    def replay(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._replay(request, list(queryset.order_by("created_at", "pk").values_list("pk", flat=True)))
+
+    def _replay(self, request: HttpRequest, ids: list[int]) -> None:
+        applied: dict[str, int] = {}
+        failures: list[str] = []
+        skipped = 0
+        for pk in ids:
+            try:
+                decision = dead_letter_replay(dead_letter_id=pk)
+            except DeadLetter.DoesNotExist:
+                failures.append(f"#{pk}: no longer exists")
+                continue
+            if decision.outcome == "already-replayed":
+                skipped += 1
+            elif decision.action == ACK:
+                applied[decision.outcome] = applied.get(decision.outcome, 0) + 1
+            else:
+                detail = f": {decision.error}" if decision.error else ""
+                failures.append(f"#{pk} {decision.outcome}{detail}")
+        done = sum(applied.values())
+        if done:
+            outcomes = ", ".join(f"{name} {count}" for name, count in sorted(applied.items()))
+            self.message_user(
+                request,
+                ngettext(
+                    "%(count)d dead letter was replayed (%(outcomes)s).",
+                    "%(count)d dead letters were replayed (%(outcomes)s).",
+                    done,
+                )
+                % {"count": done, "outcomes": outcomes},
+                messages.SUCCESS,
+            )
+        if skipped:
+            self.message_user(
+                request,
+                ngettext(
+                    "%(count)d selected letter had already been replayed and was left as it is.",
+                    "%(count)d selected letters had already been replayed and were left as they are.",
+                    skipped,
+                )
+                % {"count": skipped},
+                messages.WARNING,
+            )
+        if failures:
+            listed = "; ".join(failures[:REPORTED_FAILURES])
+            more = len(failures) - REPORTED_FAILURES
+            self.message_user(
+                request,
+                ngettext(
+                    "%(count)d dead letter could not be applied and stays dead: %(list)s",
+                    "%(count)d dead letters could not be applied and stay dead: %(list)s",
+                    len(failures),
+                )
+                % {"count": len(failures), "list": listed + (f"; and {more} more" if more > 0 else "")},
+                messages.ERROR,
+            )
+
+
+def _pre(text: str, *, caption: str = "") -> str:
+    body = format_html(
+        '<pre style="margin:0;white-space:pre-wrap;overflow-wrap:anywhere;max-height:30em;overflow:auto">{}</pre>',
+        text,
+    )
+    if caption:
+        return format_html('{}<div class="help">{}</div>', body, caption)
+    return body
+
+
+@admin.register(InboxEntry)
+class InboxEntryAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    """What each consumer applied, once per event."""
+
+    list_display = ("processed_at", "consumer", "subject", "event_id", "stream_sequence", "outcome")
+    list_filter = ("consumer", "subject", "outcome")
+    search_fields = ("=event_id",)
+    search_help_text = "An event id (exact)."
+    ordering = ("-processed_at",)
+    list_per_page = 100
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER
+
+
+@admin.register(TicketReplica)
+class TicketReplicaAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    """This service's copy of tickets, as the ticket events built it."""
+
+    list_display = ("id", "title", "price", "user_id", "order_id", "version", "updated_at")
+    search_fields = ("=id", "title")
+    search_help_text = "A ticket id (exact) or a title (contains)."
+    ordering = ("-updated_at",)
+    list_per_page = 100
+    show_full_result_count = False
+    empty_value_display = "—"
