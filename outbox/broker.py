@@ -10,6 +10,7 @@ never touched from the loop thread, and NATS is never touched from the caller's.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import ssl
@@ -68,12 +69,17 @@ async def connect(*, name: str = "", conf: NatsSettings | None = None, **overrid
         logger.warning("nats: %s", exc)
 
     opts.setdefault("error_cb", _quiet)
+    reconnects = opts["max_reconnect_attempts"]
+    # The first connection is not retried forever: an operator must hear that NATS is unreachable.
+    # Each server gets two tries; once connected, reconnection is as configured (forever by default).
+    opts["max_reconnect_attempts"] = 1
     try:
-        # The first connection is not retried forever: an operator must hear that NATS is unreachable.
-        return await nats.connect(**opts)
+        nc = await nats.connect(**opts)
     except Exception as exc:  # noqa: BLE001 - nats-py raises several unrelated types here
         servers = ", ".join(opts["servers"])
         raise PublishError(f"cannot connect to NATS at {servers}: {exc or type(exc).__name__}") from exc
+    nc.options["max_reconnect_attempts"] = reconnects
+    return nc
 
 
 class Broker:
@@ -89,19 +95,26 @@ class Broker:
         self._js: JetStreamContext | None = None
         self._lock = asyncio.Lock()
 
-    def call(self, factory: Callable[[JetStreamContext], Awaitable[T]], *, timeout: float) -> T:
-        """Run ``factory(js)`` on the loop thread and wait at most ``timeout`` seconds."""
+    def submit(self, factory: Callable[[JetStreamContext], Awaitable[T]]) -> concurrent.futures.Future[T]:
+        """Start ``factory(js)`` on the loop thread; the caller collects it with :meth:`result`."""
 
         async def runner() -> T:
             js = await self.jetstream()
             return await factory(js)
 
-        future = asyncio.run_coroutine_threadsafe(runner(), self._loop)
+        return asyncio.run_coroutine_threadsafe(runner(), self._loop)
+
+    @staticmethod
+    def result(future: concurrent.futures.Future[T], *, timeout: float) -> T:
         try:
             return future.result(timeout)
         except TimeoutError as exc:
             future.cancel()
             raise PublishError(f"NATS did not answer within {timeout:.1f}s") from exc
+
+    def call(self, factory: Callable[[JetStreamContext], Awaitable[T]], *, timeout: float) -> T:
+        """Run ``factory(js)`` on the loop thread and wait at most ``timeout`` seconds."""
+        return self.result(self.submit(factory), timeout=timeout)
 
     async def jetstream(self) -> JetStreamContext:
         async with self._lock:

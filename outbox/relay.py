@@ -24,9 +24,12 @@ A relay killed anywhere leaves leased rows that any relay reclaims after
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
+import os
 import random
+import signal
 import time
 import uuid
 from collections import OrderedDict
@@ -45,9 +48,13 @@ from outbox.conf import OutboxSettings, outbox_settings
 from outbox.contracts import registry
 from outbox.errors import OutboxError, PublishError, UnknownSubjectError
 from outbox.models import OutboxEvent
-from outbox.streams import ensure_streams, nats_subject, stream_name
+from outbox.streams import ensure_streams, nats_subject
 
 logger = logging.getLogger("outbox.relay")
+
+#: Fault injection for the fault suite: "crash-after-publish" SIGKILLs the process after
+#: the PubAcks arrived and before the rows are marked; "crash-after-claim" after the claim.
+_FAULT = os.environ.get("OUTBOX_FAULT_INJECTION", "")
 
 TABLE = OutboxEvent._meta.db_table
 
@@ -103,53 +110,55 @@ def _placeholders(n: int) -> str:
     return ", ".join(["%s"] * n)
 
 
-def claim_batch(*, limit: int, lease_seconds: float, owner: str) -> list[ClaimedRow]:
-    """Claim up to ``limit`` rows in one short transaction and return them in publish order."""
+def claim_batch(*, limit: int, lease_seconds: float, owner: str, exhaustive: bool = True) -> list[ClaimedRow]:
+    """Claim up to ``limit`` rows in one short transaction and return them in publish order.
+
+    ``exhaustive=False`` only looks at the oldest pending rows (a bounded window): cheap, and
+    what a relay that already has a batch in flight wants.
+    """
     postgres = connection.vendor == "postgresql"
     lock_heads = "FOR UPDATE SKIP LOCKED" if postgres else ""
-    lock_rows = "FOR UPDATE" if postgres else ""
     payload_col = "payload::text, headers::text" if postgres else "payload, headers"
     with transaction.atomic():
         now = timezone.now()
         with connection.cursor() as cur:
-            cur.execute(
-                f"""
-                SELECT o.id, o.aggregate_type, o.aggregate_id, o.seq FROM {TABLE} o
-                WHERE o.status = 'pending'
-                  AND o.next_attempt_at <= %s
-                  AND (o.lease_until IS NULL OR o.lease_until < %s)
-                  AND NOT EXISTS (
-                    SELECT 1 FROM {TABLE} p
-                    WHERE p.aggregate_type = o.aggregate_type AND p.aggregate_id = o.aggregate_id
-                      AND p.status <> 'published' AND p.seq < o.seq)
-                ORDER BY o.seq
-                LIMIT %s
-                {lock_heads}
-                """,  # noqa: S608 - table name is a constant
-                [_dt(now), _dt(now), limit],
-            )
-            heads = cur.fetchall()
+            # First look only at the oldest pending rows (a bounded window, so a deep backlog on
+            # few aggregates does not make every claim scan it); when none of those is claimable
+            # (their aggregates are busy or blocked), look at the whole backlog.
+            heads = _heads(cur, now=now, limit=limit, window=limit * WINDOW_FACTOR, lock=lock_heads)
+            if not heads and exhaustive:
+                heads = _heads(cur, now=now, limit=limit, window=None, lock=lock_heads)
             if not heads:
                 return []
             ids = [h[0] for h in heads]
             room = limit - len(heads)
             if room > 0:
-                ids.extend(_claim_followers(cur, heads, room, now, lock_rows))
-            cur.execute(
-                f"""
-                UPDATE {TABLE} SET lease_until = %s, lease_owner = %s
-                WHERE id IN ({_placeholders(len(ids))})
-                """,  # noqa: S608
-                [_dt(now + timedelta(seconds=lease_seconds)), owner, *ids],
-            )
-            cur.execute(
-                f"""
-                SELECT id, seq, subject, {payload_col}, aggregate_type, aggregate_id, aggregate_version, attempts
-                FROM {TABLE} WHERE id IN ({_placeholders(len(ids))}) ORDER BY seq
-                """,  # noqa: S608
-                ids,
-            )
-            rows = cur.fetchall()
+                ids.extend(_claim_followers(cur, heads, room, now, postgres))
+            lease = _dt(now + timedelta(seconds=lease_seconds))
+            if postgres:
+                # One round trip: lease the rows and read what to publish.
+                cur.execute(
+                    f"""
+                    UPDATE {TABLE} SET lease_until = %s, lease_owner = %s WHERE id = ANY(%s)
+                    RETURNING id, seq, subject, {payload_col}, aggregate_type, aggregate_id,
+                              aggregate_version, attempts
+                    """,  # noqa: S608
+                    [lease, owner, ids],
+                )
+            else:
+                cur.execute(
+                    f"UPDATE {TABLE} SET lease_until = %s, lease_owner = %s "  # noqa: S608
+                    f"WHERE id IN ({_placeholders(len(ids))})",
+                    [lease, owner, *ids],
+                )
+                cur.execute(
+                    f"""
+                    SELECT id, seq, subject, {payload_col}, aggregate_type, aggregate_id, aggregate_version, attempts
+                    FROM {TABLE} WHERE id IN ({_placeholders(len(ids))})
+                    """,  # noqa: S608
+                    ids,
+                )
+            rows = sorted(cur.fetchall(), key=lambda r: r[1])
     return [
         ClaimedRow(
             id=r[0] if isinstance(r[0], uuid.UUID) else uuid.UUID(str(r[0])),
@@ -166,23 +175,72 @@ def claim_batch(*, limit: int, lease_seconds: float, owner: str) -> list[Claimed
     ]
 
 
-def _claim_followers(cur: Any, heads: list[tuple], room: int, now: datetime, lock_rows: str) -> list[Any]:
-    """The contiguous ready successors of each claimed head (its aggregate is ours now)."""
-    head_seq = {(h[1], h[2]): h[3] for h in heads}
-    conditions = " OR ".join(["(aggregate_type = %s AND aggregate_id = %s AND seq > %s)"] * len(heads))
-    params: list[Any] = []
-    for h in heads:
-        params.extend([h[1], h[2], h[3]])
+WINDOW_FACTOR = 4
+
+
+def _heads(cur: Any, *, now: datetime, limit: int, window: int | None, lock: str) -> list[tuple]:
+    window_sql = (
+        f"AND o.id IN (SELECT w.id FROM {TABLE} w WHERE w.status = 'pending' ORDER BY w.seq LIMIT %s)" if window else ""
+    )
     cur.execute(
         f"""
-        SELECT id, aggregate_type, aggregate_id, seq, status, next_attempt_at <= %s
-        FROM {TABLE}
-        WHERE status <> 'published' AND ({conditions})
-        ORDER BY seq
-        {lock_rows}
-        """,  # noqa: S608
-        [_dt(now), *params],
+        SELECT o.id, o.aggregate_type, o.aggregate_id, o.seq FROM {TABLE} o
+        WHERE o.status = 'pending'
+          {window_sql}
+          AND o.next_attempt_at <= %s
+          AND (o.lease_until IS NULL OR o.lease_until < %s)
+          AND NOT EXISTS (
+            SELECT 1 FROM {TABLE} p
+            WHERE p.aggregate_type = o.aggregate_type AND p.aggregate_id = o.aggregate_id
+              AND p.status <> 'published' AND p.seq < o.seq)
+        ORDER BY o.seq
+        LIMIT %s
+        {lock}
+        """,  # noqa: S608 - table name is a constant
+        [*([window] if window else []), _dt(now), _dt(now), limit],
     )
+    return cur.fetchall()
+
+
+def _claim_followers(cur: Any, heads: list[tuple], room: int, now: datetime, postgres: bool) -> list[Any]:
+    """The contiguous ready successors of each claimed head (its aggregate is ours now).
+
+    No row lock is needed: only the relay holding an aggregate's head may take its
+    successors, and every write-back is fenced by the lease owner.
+    """
+    head_seq = {(h[1], h[2]): h[3] for h in heads}
+    per_aggregate = max(1, -(-room // len(heads)))
+    params: list[Any] = []
+    if postgres:
+        values = ", ".join(["(%s, %s, %s::bigint)"] * len(heads))
+        for h in heads:
+            params.extend([h[1], h[2], h[3]])
+        cur.execute(
+            f"""
+            SELECT f.id, f.aggregate_type, f.aggregate_id, f.seq, f.status, f.ready
+            FROM (VALUES {values}) AS h(t, a, s)
+            CROSS JOIN LATERAL (
+                SELECT p.id, p.aggregate_type, p.aggregate_id, p.seq, p.status, p.next_attempt_at <= %s AS ready
+                FROM {TABLE} p
+                WHERE p.aggregate_type = h.t AND p.aggregate_id = h.a AND p.status <> 'published' AND p.seq > h.s
+                ORDER BY p.seq
+                LIMIT %s
+            ) AS f
+            ORDER BY f.seq
+            """,  # noqa: S608
+            [*params, _dt(now), per_aggregate],
+        )
+    else:
+        conditions = " OR ".join(["(aggregate_type = %s AND aggregate_id = %s AND seq > %s)"] * len(heads))
+        for h in heads:
+            params.extend([h[1], h[2], h[3]])
+        cur.execute(
+            f"""
+            SELECT id, aggregate_type, aggregate_id, seq, status, next_attempt_at <= %s
+            FROM {TABLE} WHERE status <> 'published' AND ({conditions}) ORDER BY seq LIMIT %s
+            """,  # noqa: S608
+            [_dt(now), *params, room * 4],
+        )
     blocked: set[tuple[str, str]] = set()
     taken: list[Any] = []
     for row_id, agg_type, agg_id, _seq, status, ready in cur.fetchall():
@@ -212,8 +270,6 @@ def _rounds(rows: list[ClaimedRow]) -> list[list[ClaimedRow]]:
 def _message_headers(row: ClaimedRow) -> dict[str, str]:
     headers = {str(k): str(v) for k, v in row.headers.items()}
     headers["Nats-Msg-Id"] = str(row.id)
-    headers["event-id"] = str(row.id)
-    headers["event-name"] = row.subject
     headers["aggregate-type"] = row.aggregate_type
     headers["aggregate-id"] = row.aggregate_id
     if row.aggregate_version is not None:
@@ -233,15 +289,10 @@ async def publish_rows(js: JetStreamContext, rows: list[ClaimedRow], *, timeout:
                 result.skipped.append(row)
                 continue
             try:
-                item = registry.get(row.subject)
-                subject = nats_subject(row.subject)
-                future = await js.publish_async(
-                    subject,
-                    row.body,
-                    headers=_message_headers(row),
-                    wait_stall=timeout,
-                    stream=stream_name(item.stream),
-                )
+                registry.get(row.subject)
+                # No wait_stall: it wraps every call in asyncio.wait_for (5x slower); a batch never
+                # exceeds the context's publish_async_max_pending, so the semaphore never blocks.
+                future = await js.publish_async(nats_subject(row.subject), row.body, headers=_message_headers(row))
             except MaxPayloadError as exc:
                 failed_aggregates.add(key)
                 result.failed.append((row, f"payload too large for the server: {exc}", True))
@@ -373,34 +424,57 @@ class Relay:
                 logger.info("outbox.stream name=%s action=%s drift=%s", report.name, report.action, report.drift)
         self._streams_ready = True
 
-    def run_batch(self) -> BatchReport:
-        started = time.perf_counter()
+    # A batch is claim -> start publishing -> collect the PubAcks -> mark. run_batch() does the
+    # four in sequence; drain() overlaps them: batch N+1 is claimed while N is on the wire, and
+    # N is marked while N+1 is. That is safe because a claimed batch holds its aggregates (their
+    # heads are leased), so the next claim can only take other aggregates.
+
+    def _claim(self, *, exhaustive: bool = True) -> tuple[str, list[ClaimedRow]]:
         owner = uuid.uuid4().hex
-        rows = claim_batch(limit=self.conf.BATCH_SIZE, lease_seconds=self.conf.LEASE_SECONDS, owner=owner)
-        report = BatchReport(claimed=len(rows))
-        if not rows:
-            return report
+        rows = claim_batch(
+            limit=self.conf.BATCH_SIZE, lease_seconds=self.conf.LEASE_SECONDS, owner=owner, exhaustive=exhaustive
+        )
+        if rows and _FAULT == "crash-after-claim":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return owner, rows
+
+    def _start(self, rows: list[ClaimedRow]) -> tuple[concurrent.futures.Future | None, Exception | None, float]:
+        timeout = self.conf.PUBLISH_TIMEOUT * (len(_rounds(rows)) + 1) + 5
         try:
             if not self._streams_ready:
                 self.ensure_streams()
-            result = self.broker.call(
-                lambda js: publish_rows(js, rows, timeout=self.conf.PUBLISH_TIMEOUT),
-                timeout=self.conf.PUBLISH_TIMEOUT * (len(_rounds(rows)) + 1) + 5,
-            )
+            future = self.broker.submit(lambda js: publish_rows(js, rows, timeout=self.conf.PUBLISH_TIMEOUT))
         except (PublishError, OutboxError, OSError) as exc:
-            # NATS unreachable: every row of the batch carries the failure and backs off.
-            heads = _first_per_aggregate(rows)
-            head_ids = {r.id for r in heads}
-            result = PublishResult(
-                failed=[(r, str(exc), False) for r in heads],
-                skipped=[r for r in rows if r.id not in head_ids],
-            )
+            return None, exc, timeout
+        return future, None, timeout
+
+    def _collect(self, rows: list[ClaimedRow], started: tuple) -> PublishResult:
+        future, error, timeout = started
+        if future is not None:
+            try:
+                return self.broker.result(future, timeout=timeout)
+            except (PublishError, OutboxError, OSError) as exc:
+                error = exc
+        # NATS unreachable: the head of each aggregate carries the failure and backs off.
+        heads = _first_per_aggregate(rows)
+        head_ids = {r.id for r in heads}
+        return PublishResult(
+            failed=[(r, str(error), False) for r in heads],
+            skipped=[r for r in rows if r.id not in head_ids],
+        )
+
+    def _mark(self, owner: str, rows: list[ClaimedRow], result: PublishResult, started_at: float) -> BatchReport:
+        if _FAULT == "crash-after-publish" and result.published:
+            os.kill(os.getpid(), signal.SIGKILL)
         failed, dead = mark_results(result, owner=owner, conf=self.conf)
-        report.published = len(result.published)
-        report.failed = failed
-        report.dead = dead
-        report.skipped = len(result.skipped)
-        report.duration_ms = (time.perf_counter() - started) * 1000
+        report = BatchReport(
+            claimed=len(rows),
+            published=len(result.published),
+            failed=failed,
+            dead=dead,
+            skipped=len(result.skipped),
+            duration_ms=(time.perf_counter() - started_at) * 1000,
+        )
         metrics.PUBLISHED.inc(report.published)
         if failed:
             metrics.PUBLISH_FAILURES.inc(failed)
@@ -417,23 +491,61 @@ class Relay:
         )
         return report
 
+    def run_batch(self) -> BatchReport:
+        """Claim, publish and mark one batch."""
+        started_at = time.perf_counter()
+        owner, rows = self._claim()
+        if not rows:
+            return BatchReport()
+        result = self._collect(rows, self._start(rows))
+        return self._mark(owner, rows, result, started_at)
+
     def drain(self, *, time_budget: float | None = None, on_batch: Any = None) -> BatchReport:
-        """Run batches until nothing is claimable (or the budget is spent); returns the totals."""
+        """Run pipelined batches until nothing is claimable, NATS fails, or the budget is spent."""
         total = BatchReport()
         deadline = time.monotonic() + time_budget if time_budget else None
+        inflight: tuple | None = None  # (owner, rows, started, started_at)
+        stopping = False
+        pipeline = True
         while True:
-            report = self.run_batch()
-            total.claimed += report.claimed
-            total.published += report.published
-            total.failed += report.failed
-            total.dead += report.dead
-            total.skipped += report.skipped
-            if on_batch is not None:
-                on_batch(report)
-            if report.claimed == 0 or (report.published == 0 and report.failed):
+            if inflight is not None:
+                early: tuple[str, list[ClaimedRow]] = ("", [])
+                if pipeline and not stopping:
+                    early = self._claim(exhaustive=False)
+                    # Empty: our own batch holds the front of the queue; claim after marking instead.
+                    pipeline = bool(early[1])
+                early_at = time.perf_counter()
+                result = self._collect(inflight[1], inflight[2])
+                broken = not result.published and bool(result.failed)
+                following = None
+                if early[1]:
+                    if broken:  # NATS just failed: hand the freshly claimed rows back untouched.
+                        mark_results(PublishResult(skipped=early[1]), owner=early[0], conf=self.conf)
+                    else:
+                        following = (early[0], early[1], self._start(early[1]), early_at)
+                report = self._mark(inflight[0], inflight[1], result, inflight[3])
+                _accumulate(total, report)
+                if on_batch is not None:
+                    on_batch(report)
+                stopping = stopping or broken or (deadline is not None and time.monotonic() > deadline)
+                inflight = following
+                if inflight is not None:
+                    continue
+            if stopping:
                 return total
-            if deadline is not None and time.monotonic() > deadline:
+            owner, rows = self._claim()
+            if not rows:
                 return total
+            inflight = (owner, rows, self._start(rows), time.perf_counter())
+            pipeline = True
+
+
+def _accumulate(total: BatchReport, report: BatchReport) -> None:
+    total.claimed += report.claimed
+    total.published += report.published
+    total.failed += report.failed
+    total.dead += report.dead
+    total.skipped += report.skipped
 
 
 def _first_per_aggregate(rows: list[ClaimedRow]) -> list[ClaimedRow]:

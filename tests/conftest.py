@@ -28,10 +28,11 @@ def _clean_streams_after_run():
 
 @pytest.fixture(autouse=True)
 def _fresh_broker():
-    """Each test starts with no NATS connection in this process (settings may point elsewhere)."""
+    """Each test starts with no NATS connection in this process and none of this run's streams."""
     from outbox.broker import reset_broker
 
     reset_broker()
+    delete_streams(os.environ["OUTBOX_STREAM_PREFIX"])
     yield
     reset_broker()
 

@@ -206,3 +206,116 @@ class PrivateNats:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+async def _fetch_all(stream: str, url: str) -> list[dict[str, Any]]:
+    """Every message of a stream through a temporary pull consumer (fast for large streams)."""
+    import uuid as _uuid
+
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    nc = await nats.connect(url, connect_timeout=2)
+    try:
+        js = nc.jetstream(timeout=10)
+        info = await js.stream_info(stream)
+        total = info.state.messages
+        name = f"verify-{_uuid.uuid4().hex[:10]}"
+        await js.add_consumer(
+            stream,
+            ConsumerConfig(durable_name=name, ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL),
+        )
+        try:
+            psub = await js.pull_subscribe_bind(durable=name, stream=stream)
+            result: list[dict[str, Any]] = []
+            while len(result) < total:
+                try:
+                    msgs = await psub.fetch(1000, timeout=2)
+                except nats.errors.TimeoutError:
+                    break
+                for msg in msgs:
+                    result.append(
+                        {
+                            "subject": msg.subject,
+                            "seq": msg.metadata.sequence.stream,
+                            "headers": dict(msg.headers or {}),
+                            "data": json.loads(msg.data),
+                        }
+                    )
+            return result
+        finally:
+            await js.delete_consumer(stream, name)
+    finally:
+        await nc.close()
+
+
+def read_stream_fast(stream: str, *, url: str | None = None) -> list[dict[str, Any]]:
+    return asyncio.run(_fetch_all(stream, url or os.environ["NATS_URL"]))
+
+
+def insert_ticket_events(*, aggregates: int, per_aggregate: int, interleave: bool = True) -> int:
+    """Bulk-insert valid pending ticket:updated outbox rows (version 0..per_aggregate-1 per ticket).
+
+    Rows of one aggregate get increasing ``seq`` in version order, as the write path guarantees;
+    aggregates interleave so that a batch mixes them.
+    """
+    import random
+    import uuid as _uuid
+
+    from outbox.models import OutboxEvent
+
+    ids = [str(_uuid.uuid4()) for _ in range(aggregates)]
+    order = [(a, v) for v in range(per_aggregate) for a in range(aggregates)]
+    if interleave:
+        # Shuffle within each version "layer" so neighbouring rows belong to different aggregates.
+        rng = random.Random(42)
+        layers = [order[i : i + aggregates] for i in range(0, len(order), aggregates)]
+        for layer in layers:
+            rng.shuffle(layer)
+        order = [x for layer in layers for x in layer]
+    rows = []
+    for a, v in order:
+        payload = {"id": ids[a], "version": v, "title": f"T{a}-{v}", "price": 10.0, "userId": "u", "orderId": None}
+        rows.append(
+            OutboxEvent(
+                subject="ticket:updated",
+                payload=payload,
+                headers={"correlation-id": "bulk"},
+                aggregate_type="ticket",
+                aggregate_id=ids[a],
+                aggregate_version=v,
+            )
+        )
+    OutboxEvent.objects.bulk_create(rows, batch_size=2000)
+    return len(rows)
+
+
+class PrivateRedis:
+    """A redis-server of our own on a free loopback port, to stop and restart."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> PrivateRedis:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for(self._answers, timeout=30, what=f"redis-server on {self.port}")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(7).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

@@ -186,6 +186,23 @@ OUTBOX = {
     "SWEEP_INTERVAL": float(os.environ.get("OUTBOX_SWEEP_INTERVAL", "5")),
     "CONTRACT_MODULES": ["ticketing.events"],
 }
+# Tuning knobs an operator (or the fault suite) may set from the environment.
+for _key, _type in {
+    "BATCH_SIZE": int,
+    "LEASE_SECONDS": float,
+    "PUBLISH_TIMEOUT": float,
+    "MAX_ATTEMPTS": int,
+    "BACKOFF_BASE": float,
+    "BACKOFF_MAX": float,
+    "DUPLICATE_WINDOW": float,
+    "TASK_TIME_BUDGET": float,
+    "RETENTION": float,
+}.items():
+    if os.environ.get(f"OUTBOX_{_key}"):
+        try:
+            OUTBOX[_key] = _type(os.environ[f"OUTBOX_{_key}"])
+        except ValueError:
+            raise ImproperlyConfigured(f"OUTBOX_{_key}={os.environ[f'OUTBOX_{_key}']!r} is not a number") from None
 
 LISTENERS = {
     "HANDLER_MODULES": ["listeners.handlers", "ticketing.handlers"],

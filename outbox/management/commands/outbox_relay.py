@@ -9,6 +9,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from outbox.errors import OutboxError
+from outbox.models import OutboxEvent
 from outbox.relay import BatchReport, Relay
 from outbox.selectors import outbox_backlog
 
@@ -43,8 +44,13 @@ class Command(BaseCommand):
                         report = relay.run_batch()
                         _add(totals, report)
                         progress.advance(task, report.published + report.dead)
-                        if report.claimed == 0 or (report.published == 0 and report.failed):
+                        if report.published == 0 and report.failed:
                             break
+                        if report.claimed == 0:
+                            # Rows leased by another (or a crashed) relay: wait for them to land or to expire.
+                            if not OutboxEvent.objects.filter(status="pending", lease_until__isnull=False).exists():
+                                break
+                            time.sleep(options["idle"])
             else:
                 while not stop["now"]:
                     report = relay.run_batch()

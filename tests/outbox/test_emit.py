@@ -1,0 +1,88 @@
+"""outbox.emit: only inside a transaction, only registered and valid events."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from django.db import transaction
+
+from outbox import emit, event_context
+from outbox.contracts import Event, registry
+from outbox.errors import InvalidPayloadError, NotInTransactionError, UnknownSubjectError
+from outbox.models import OutboxEvent
+from ticketing.events import TicketCreated, TicketUpdated
+
+
+def created(**overrides) -> TicketCreated:
+    data = {"id": "t-1", "version": 0, "title": "Concert", "price": Decimal("10.00"), "user_id": "alice"}
+    return TicketCreated(**{**data, **overrides})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_emit_outside_a_transaction_raises_and_writes_nothing():
+    with pytest.raises(NotInTransactionError, match=r"transaction\.atomic"):
+        emit(created())
+    assert OutboxEvent.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_emit_writes_one_row_with_aggregate_and_headers():
+    with transaction.atomic(), event_context(correlation_id="corr-1", causation_id="cause-1"):
+        row = emit(created(version=3))
+    row.refresh_from_db()
+    assert (row.subject, row.aggregate_type, row.aggregate_id, row.aggregate_version) == (
+        "ticket:created",
+        "ticket",
+        "t-1",
+        3,
+    )
+    assert row.headers["correlation-id"] == "corr-1" and row.headers["causation-id"] == "cause-1"
+    assert row.seq > 0 and row.status == "pending" and row.attempts == 0
+
+
+@pytest.mark.django_db
+def test_rows_get_increasing_sequence_numbers_from_the_database():
+    with transaction.atomic():
+        rows = [emit(created(id=f"t-{n}")) for n in range(5)]
+    seqs = [OutboxEvent.objects.get(pk=r.pk).seq for r in rows]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 5
+
+
+@pytest.mark.django_db
+def test_emit_refuses_an_unregistered_event_class():
+    class Stray(Event, frozen=True):
+        id: str
+
+    with pytest.raises(UnknownSubjectError), transaction.atomic():
+        emit(Stray(id="x"))
+    assert OutboxEvent.objects.count() == 0
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: created(price=Decimal("-1")),
+        lambda: created(title=""),
+        lambda: created(title="x" * 201),
+        lambda: created(version=-1),
+        lambda: created(user_id=""),
+        lambda: TicketUpdated(id="t", version="1", title="A", price=Decimal(1), user_id="u"),  # wrong type
+    ],
+)
+def test_emit_refuses_a_payload_that_breaks_its_contract(make):
+    # Refused when built (a price check in __post_init__) or when emitted (types, lengths): never written.
+    with pytest.raises((InvalidPayloadError, ValueError)), transaction.atomic():
+        emit(make())
+    assert OutboxEvent.objects.count() == 0
+
+
+def test_contract_decode_accepts_the_course_json_and_rejects_wrong_types():
+    contract = registry.get("ticket:updated")
+    event = contract.decode(b'{"id":"a","version":2,"title":"T","price":12.5,"userId":"u","orderId":"o"}')
+    assert (event.version, event.price, event.order_id) == (2, Decimal("12.5"), "o")
+    with pytest.raises(InvalidPayloadError, match="version"):
+        contract.decode(b'{"id":"a","version":"2","title":"T","price":1,"userId":"u"}')
+    with pytest.raises(InvalidPayloadError, match="not valid JSON"):
+        contract.decode(b"\xff\xfe not json")
