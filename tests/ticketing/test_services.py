@@ -112,7 +112,7 @@ def test_concurrent_updates_with_the_same_expected_version_have_exactly_one_winn
         barrier = threading.Barrier(writers)
         outcomes: list[str] = []
 
-        def write(n: int, expected: int = version) -> None:
+        def write(n: int, expected: int = version, barrier=barrier, outcomes=outcomes) -> None:
             try:
                 barrier.wait()
                 ticket_update(ticket_id=ticket.id, expected_version=expected, title=f"v{expected + 1} by {n}")
