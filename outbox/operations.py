@@ -84,7 +84,9 @@ def _consumer_row(info: Any, *, now: datetime, behind_pending: int, stall_after:
         quiet = (now - reference).total_seconds() if reference else None
         if quiet is not None and quiet > stall_after:
             reasons.append(
-                f"no delivery for {quiet:.0f}s with work waiting" if last_active else f"never delivered ({quiet:.0f}s)"
+                f"no delivery for {format_duration(quiet)} with work waiting"
+                if last_active
+                else f"nothing delivered in {format_duration(quiet)} with work waiting"
             )
     if reasons:
         state = "behind"
