@@ -33,7 +33,7 @@ from listeners.models import DeadLetter
 from outbox.models import OutboxEvent, OutboxStatus
 from outbox.relay import Relay
 from outbox.streams import stream_name
-from tests.helpers import ROOT, delete_streams
+from tests.helpers import ROOT
 from ticketing.models import Ticket
 from ticketing.services import ticket_create, ticket_update
 
@@ -100,12 +100,6 @@ def server(live_server) -> Iterator[str]:
             yield live_server.url
         finally:
             httpd.set_app(original)
-
-
-@pytest.fixture(autouse=True)
-def _no_streams_of_this_run():
-    """The dashboard's counts are exact: no stream or consumer of an earlier test in this run survives."""
-    delete_streams(os.environ["OUTBOX_STREAM_PREFIX"])
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ Real PostgreSQL and real JetStream; NATS "unreachable" is a free loopback port n
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 from datetime import UTC, datetime, timedelta
@@ -32,16 +31,10 @@ from outbox.operations import (
 )
 from outbox.relay import Relay
 from outbox.streams import stream_name
-from tests.helpers import PYTHON, ROOT, delete_streams, free_port, subprocess_env
+from tests.helpers import PYTHON, ROOT, free_port, subprocess_env
 from ticketing.services import ticket_create
 
 OPERATIONS_URL = "/admin/operations/"
-
-
-@pytest.fixture(autouse=True)
-def _no_streams_of_this_run():
-    """Counts below are exact: no stream or consumer of an earlier test in this run survives."""
-    delete_streams(os.environ["OUTBOX_STREAM_PREFIX"])
 
 
 @pytest.fixture(autouse=True)
