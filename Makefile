@@ -52,7 +52,7 @@ bench-quick: install
 ## soak: the fault suite with more events and more kills (minutes)
 soak: install
 	bash scripts/services.sh
-	SOAK=1 $(PY) -m pytest -q tests/faults -p no:randomly
+	SOAK=1 $(PY) -m pytest -q tests/faults
 
 clean:
 	rm -rf var .pytest_cache benchmarks/results/*.tmp

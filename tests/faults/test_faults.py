@@ -1,0 +1,162 @@
+"""Fault scenarios: real processes under a steady stream of ticket writes, faults injected,
+then the invariant checker: nothing lost, nothing applied twice, order kept.
+
+``make test`` runs the quick profile; ``make soak`` (SOAK=1) runs more events and more kills.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.faults.harness import SOAK, Stack, after_progress, applied, published, scaled
+from tests.helpers import wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(900 if SOAK else 400)]
+
+
+@pytest.fixture
+def stack(tmp_path):
+    created: list[Stack] = []
+
+    def make(**env: str) -> Stack:
+        s = Stack(tmp_path, env_extra=env)
+        created.append(s)
+        return s
+
+    yield make
+    for s in created:
+        s.close()
+
+
+def finish(stack: Stack, load, **verify) -> None:
+    assert load.wait(600) == 0, "the load generator failed"
+    report = stack.wait_quiet_and_verify(**verify)
+    assert report.ok
+    assert report.counts["published"] == report.counts["outbox_events"]
+    print(f"kills: {stack.kills}")
+
+
+def test_relay_worker_sigkilled_repeatedly_loses_nothing_and_publishes_each_event_once(stack):
+    s = stack()
+    s.start_relay()
+    s.start_listener()
+    rng = random.Random(11)
+    load = s.load(tickets=20, updates=scaled(400, 4000), rate=scaled(80, 150))
+    for _ in range(scaled(4, 30)):
+        if not after_progress(published, rng, 10, 80):
+            break
+        s.sigkill(s.relays, 0)
+        s.start_relay(0)
+    finish(s, load)
+    assert s.kills >= 1
+
+
+def test_listener_sigkilled_repeatedly_including_between_commit_and_ack_applies_each_event_once(stack):
+    s = stack()
+    s.start_relay()
+    s.start_listener()
+    rng = random.Random(12)
+    load = s.load(tickets=20, updates=scaled(400, 4000), rate=scaled(80, 150))
+    for n in range(scaled(4, 30)):
+        if not after_progress(applied, rng, 10, 80):
+            break
+        s.sigkill(s.listeners, 0)
+        # Every other restart dies right after its first commit, before acking it.
+        crash = {"LISTENERS_TEST_CRASH_AFTER_COMMIT": "1"} if n % 2 == 0 else {}
+        s.start_listener(0, **crash)
+        if crash:
+            wait_for(lambda: s.listeners[0].poll() is not None, timeout=120, what="the crash-after-commit hook")
+            s.kills += 1
+            s.start_listener(0)
+    finish(s, load)
+
+
+def test_nats_server_sigkilled_and_restarted_on_the_same_store_during_load(stack):
+    s = stack()
+    s.start_relay()
+    s.start_listener()
+    rng = random.Random(13)
+    load = s.load(tickets=20, updates=scaled(400, 4000), rate=scaled(80, 150))
+    for _ in range(scaled(2, 10)):
+        if not after_progress(published, rng, 20, 100):
+            break
+        s.nats.kill()
+        s.kills += 1
+        s.nats.start()
+    finish(s, load)
+
+
+def test_redis_stopped_during_writes_the_writes_succeed_and_the_sweep_catches_up(stack):
+    s = stack()
+    s.start_relay()
+    s.start_listener()
+    load = s.load(tickets=20, updates=scaled(300, 3000), rate=scaled(80, 150))
+    rng = random.Random(14)
+    assert after_progress(published, rng, 20, 50)
+    s.redis.stop()
+    s.kills += 1
+    # Writes go on while Redis is down (each commit's kick fails quietly)...
+    before = published()
+    from outbox.models import OutboxEvent
+
+    wait_for(
+        lambda: OutboxEvent.objects.filter(status="pending").count() >= 20,
+        timeout=120,
+        what="writes committing while Redis is down",
+    )
+    s.redis.start()
+    assert published() >= before
+    finish(s, load)
+
+
+def test_postgres_connections_terminated_under_the_relay_and_the_listener(stack):
+    s = stack()
+    s.start_relay()
+    s.start_listener()
+    rng = random.Random(15)
+    load = s.load(tickets=20, updates=scaled(400, 4000), rate=scaled(80, 150))
+    terminated = 0
+    for _ in range(scaled(6, 40)):
+        if not after_progress(applied, rng, 10, 60):
+            break
+        terminated += s.terminate_db_connections()
+    s.kills += terminated
+    finish(s, load)
+    assert terminated >= 1
+
+
+def test_several_relays_and_several_listeners_at_once_apply_each_event_once_in_order(stack):
+    s = stack()
+    for _ in range(2):
+        s.start_relay()
+        s.start_listener()
+    rng = random.Random(16)
+    load = s.load(tickets=30, updates=scaled(600, 6000), rate=scaled(120, 200))
+    for n in range(scaled(2, 20)):
+        if not after_progress(published, rng, 30, 120):
+            break
+        s.sigkill(s.relays, n % 2)
+        s.start_relay(n % 2)
+        s.sigkill(s.listeners, (n + 1) % 2)
+        s.start_listener((n + 1) % 2)
+    finish(s, load)
+
+
+def test_relay_republishing_after_the_dedup_window_stores_duplicates_that_the_inbox_absorbs(stack):
+    # A tiny dedup window and a relay that dies after its PubAcks: the row is re-published after
+    # the window has passed, so a second copy reaches the stream. Listeners must apply it once.
+    s = stack(OUTBOX_DUPLICATE_WINDOW="0.5", OUTBOX_LEASE_SECONDS="2")
+    s.start_listener()
+    load = s.load(tickets=5, updates=40, rate=50)
+    assert load.wait(300) == 0
+    crashing = dict(s.env, OUTBOX_FAULT_INJECTION="crash-after-publish")
+    from tests.helpers import manage
+
+    proc = manage("outbox_relay", "--drain", "--quiet", env=crashing, log=s.log("crashing-relay"))
+    assert proc.wait(120) == -9
+    s.start_relay()
+    report = s.wait_quiet_and_verify(allow_stream_duplicates=True)
+    assert report.ok
+    assert report.counts["stream_duplicates"] >= 1, "the scenario should have produced duplicates in the stream"
