@@ -18,3 +18,5 @@ os.environ["OUTBOX_SUBJECT_PREFIX"] = f"t{RUN_ID}."
 os.environ["OUTBOX_STREAM_PREFIX"] = f"T{RUN_ID}_"
 os.environ["OUTBOX_CELERY_QUEUE"] = f"outbox-{RUN_ID}"
 os.environ.setdefault("LOG_LEVEL", "WARNING")
+# The suite talks plain HTTP to the test server; production keeps redirecting to HTTPS.
+os.environ.setdefault("SECURE_SSL_REDIRECT", "0")
