@@ -45,7 +45,8 @@ def free_port() -> int:
 def main() -> int:
     env = dict(os.environ)
     env.setdefault("DJANGO_DEV", "1")
-    env.setdefault("LOG_LEVEL", "INFO")
+    env["LOG_LEVEL"] = env.get("DEMO_LOG_LEVEL", "INFO")  # the demo shows each event as it is applied
+    VAR.mkdir(parents=True, exist_ok=True)
     env["PYTHONUNBUFFERED"] = "1"
     procs: list[subprocess.Popen] = []
 
@@ -108,7 +109,6 @@ def main() -> int:
                     "-Q",
                     queue,
                     "--loglevel=WARNING",
-                    "--quiet",
                     "--without-gossip",
                     "--without-mingle",
                     "--schedule",
@@ -131,8 +131,17 @@ def main() -> int:
                 manage("listen", "order:created", "order:cancelled"), cwd=ROOT, env=env, start_new_session=True
             )
         )
-        result = subprocess.run(manage("demo_tickets"), cwd=ROOT, env=env)
-        return result.returncode
+        steps = subprocess.Popen(manage("demo_tickets"), cwd=ROOT, env=env)
+        helpers = procs[-3:]
+        while steps.poll() is None:
+            dead = [p for p in helpers if p.poll() is not None]
+            if dead:
+                say(f"a demo process exited early ({' '.join(map(str, dead[0].args[-3:]))}); stopping")
+                steps.terminate()
+                steps.wait(30)
+                return 1
+            time.sleep(0.2)
+        return steps.returncode
     finally:
         say("stopping everything the demo started")
         for proc in reversed(procs):
