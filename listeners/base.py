@@ -27,8 +27,11 @@ class Listener:
     returns an outcome word for the log (``applied``, ``stale``, ``ignored`` ...).
     Raise :class:`listeners.errors.NotYet` to have the event redelivered later (a
     version gap) and :class:`listeners.errors.PermanentFailure` for an event that
-    can never apply. Any other exception is retried with backoff and, after
-    ``max_deliver`` deliveries, dead-lettered.
+    can never apply. A ``django.db.DataError`` (the database refuses a value the
+    event carries) is dead-lettered at once too. Any other exception is retried with
+    backoff and, after ``max_deliver`` deliveries, dead-lettered. A lost database
+    connection is not the event's fault: the runner retries the whole batch in
+    place, without spending deliveries.
     """
 
     #: Event names this listener handles.

@@ -15,3 +15,15 @@ class NotYet(ListenerError):
 
 class PermanentFailure(ListenerError):
     """Raised by a handler for an event that can never be applied; it is dead-lettered at once."""
+
+
+class ListenerStartupError(ListenerError):
+    """NATS could not be reached, or the streams/consumers could not be set up; the message is one line."""
+
+
+class TransactionBroken(ListenerError):
+    """The batch transaction can no longer commit (e.g. the connection was lost); none of it is kept.
+
+    Raised instead of letting Django's ``atomic`` roll back silently at exit, so the
+    caller never acks a message whose work was not committed.
+    """

@@ -28,16 +28,20 @@ class _TicketReplicaListener(Listener):
         if decision == "gap":
             held = current.version if current else "nothing"
             raise NotYet(f"ticket {event.id}: holds {held}, got version {event.version}")
-        TicketReplica.objects.update_or_create(
-            pk=event.id,
-            defaults={
-                "title": event.title,
-                "price": event.price,
-                "user_id": event.user_id,
-                "order_id": getattr(event, "order_id", None),
-                "version": event.version,
-            },
-        )
+        fields = {
+            "title": event.title,
+            "price": event.price,
+            "user_id": event.user_id,
+            "order_id": getattr(event, "order_id", None),
+            "version": event.version,
+        }
+        # The row is already locked (or absent): one UPDATE or one INSERT, no second lookup.
+        if current is None:
+            TicketReplica.objects.create(id=event.id, **fields)
+        else:
+            for name, value in fields.items():
+                setattr(current, name, value)
+            current.save(update_fields=[*fields, "updated_at"])
         return "applied"
 
     def reset(self) -> int:

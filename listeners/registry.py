@@ -26,6 +26,12 @@ def listener(cls: type[Listener]) -> type[Listener]:
     return cls
 
 
+def unregister(cls: type[Listener]) -> None:
+    """Forget a listener (tests that register one of their own, plugins being unloaded)."""
+    if cls in _listeners:
+        _listeners.remove(cls)
+
+
 def autodiscover() -> None:
     for module in getattr(settings, "LISTENERS", {}).get("HANDLER_MODULES", []):
         import_module(module)

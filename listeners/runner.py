@@ -4,13 +4,34 @@ The event loop owns the single NATS connection. Each fetched batch is handed to
 :func:`listeners.processing.apply_batch` on Django's thread-sensitive executor (one
 synchronous ``atomic`` per batch); messages are acked, nak'ed or terminated only
 after that call returned, i.e. after the commit.
+
+Failures and what they cost:
+
+* a message the listener cannot apply is decided in :mod:`listeners.processing`
+  (nak with a delay, or dead letter + term);
+* a batch the *database* could not take (connection lost, commit failed) is retried
+  here, in place, with the messages kept in progress: a database outage does not
+  spend JetStream deliveries, so it can never push a message past ``max_deliver``;
+* a NATS outage is ridden out by the client's reconnection; fetches fail quietly
+  and resume, and an ack lost on the way is a redelivery the inbox absorbs;
+* on the first SIGINT/SIGTERM the runner stops fetching, finishes and acks the
+  batch in hand, hands back (nak) what the client had buffered but not started, and
+  flushes the acks before closing — so a restart finds every message at once instead
+  of after ``ack_wait``.
+
+Fault injection: ``LISTENERS_TEST_CRASH_AFTER_COMMIT=N`` makes the process SIGKILL
+itself right after its N-th batch committed and before any of it is acked. It exists
+for the fault tests (the crash window of "applied but not acked"); never set it in
+production.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -24,14 +45,20 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from listeners.base import Listener
+from listeners.errors import ListenerStartupError
 from listeners.processing import ACK, NAK, TERM, Decision, Delivery, apply_batch
-from outbox.broker import connect
+from outbox.broker import connect, connect_options
 from outbox.contracts import registry
+from outbox.errors import OutboxError
 from outbox.streams import ensure_streams, event_name_from_subject, nats_subject, stream_name
 
 logger = logging.getLogger("listeners.runner")
 
 _DURABLE_BAD = re.compile(r"[^A-Za-z0-9_-]+")
+#: Environment variable of the crash-after-commit fault hook (see the module docstring).
+CRASH_AFTER_COMMIT_ENV = "LISTENERS_TEST_CRASH_AFTER_COMMIT"
+#: Upper bound of the pause between two attempts at a batch the database refused.
+BATCH_RETRY_MAX = 5.0
 
 
 def durable_slug(text: str) -> str:
@@ -116,6 +143,7 @@ class ListenerRunner:
         from_start: bool = False,
         reset: bool = False,
         fetch_timeout: float = 1.0,
+        ack_wait: float | None = None,
     ) -> None:
         self.listener_classes = listener_classes
         self.subjects = subjects
@@ -126,9 +154,12 @@ class ListenerRunner:
         self.from_start = from_start
         self.reset = reset
         self.fetch_timeout = fetch_timeout
+        self.ack_wait = ack_wait
         self.stats = RunStats()
         self._stop = asyncio.Event()
         self._last_activity = time.monotonic()
+        self._batches = 0
+        self._crash_after = _crash_after_commit()
         self.nc: NATS | None = None
         self.plans: list[ConsumerPlan] = []
 
@@ -141,19 +172,38 @@ class ListenerRunner:
         return self._stop.is_set()
 
     async def connect(self) -> JetStreamContext:
-        self.nc = await connect(name=f"listener-{'-'.join(durable_slug(s) for s in self.subjects)}")
-        js = self.nc.jetstream(timeout=5)
-        await ensure_streams(js)
-        version = self.nc.connected_server_version
-        multi_filter = (version.major, version.minor) >= (2, 10)
-        self.plans = plan_consumers(
-            self.listener_classes, requested=self.subjects, durable=self.durable, multi_filter=multi_filter
-        )
-        for plan in self.plans:
-            await self._ensure_consumer(js, plan)
+        """Connect, ensure the streams and the durable consumers; one-line ListenerStartupError on failure."""
+        try:
+            # The first connection is tried a bounded number of times: an operator must hear that
+            # NATS is unreachable. Once connected, reconnection is as configured (forever by default).
+            self.nc = await connect(
+                name=f"listener-{'-'.join(durable_slug(s) for s in self.subjects)}", max_reconnect_attempts=1
+            )
+            self.nc.options["max_reconnect_attempts"] = connect_options()["max_reconnect_attempts"]
+        except OutboxError as exc:
+            raise ListenerStartupError(str(exc)) from exc
+        try:
+            js = self.nc.jetstream(timeout=5)
+            await ensure_streams(js)
+            version = self.nc.connected_server_version
+            multi_filter = (version.major, version.minor) >= (2, 10)
+            self.plans = plan_consumers(
+                self.listener_classes, requested=self.subjects, durable=self.durable, multi_filter=multi_filter
+            )
+            if self.ack_wait is not None:
+                for plan in self.plans:
+                    plan.ack_wait = self.ack_wait
+            for plan in self.plans:
+                await self._ensure_consumer(js, plan, initial=True)
+        except Exception as exc:
+            await self._close()
+            raise ListenerStartupError(
+                f"cannot set up the streams and consumers on NATS: {type(exc).__name__}: {exc}"
+            ) from exc
+        logger.info("listener.ready consumers=%s", ",".join(f"{p.stream}/{p.durable}" for p in self.plans) or "none")
         return js
 
-    async def _ensure_consumer(self, js: JetStreamContext, plan: ConsumerPlan) -> None:
+    def _consumer_config(self, plan: ConsumerPlan) -> ConsumerConfig:
         config = ConsumerConfig(
             durable_name=plan.durable,
             ack_policy=AckPolicy.EXPLICIT,
@@ -166,17 +216,39 @@ class ListenerRunner:
             config.filter_subject = plan.filter_subjects[0]
         elif plan.filter_subjects:
             config.filter_subjects = plan.filter_subjects
-        if self.from_start:
+        return config
+
+    async def _ensure_consumer(self, js: JetStreamContext, plan: ConsumerPlan, *, initial: bool = False) -> None:
+        """Create the durable, or bring its editable settings (ack wait, deliveries, pending) up to date.
+
+        ``--from-start`` deletes the consumer (and this consumer's inbox) only when the
+        process starts — never again on a reconnect.
+        """
+        config = self._consumer_config(plan)
+        if initial and self.from_start:
             try:
                 await js.delete_consumer(plan.stream, plan.durable)
             except NotFoundError:
                 pass
             await sync_to_async(_forget, thread_sensitive=True)(plan, self.reset)
+            logger.warning("listener.from_start stream=%s durable=%s reset=%s", plan.stream, plan.durable, self.reset)
         try:
-            await js.consumer_info(plan.stream, plan.durable)
+            info = await js.consumer_info(plan.stream, plan.durable)
         except NotFoundError:
             await js.add_consumer(plan.stream, config)
             logger.info("listener.consumer_created stream=%s durable=%s", plan.stream, plan.durable)
+            return
+        current = info.config
+        drift = {
+            name: (getattr(current, name), getattr(config, name))
+            for name in ("ack_wait", "max_deliver", "max_ack_pending")
+            if abs((getattr(current, name) or 0) - (getattr(config, name) or 0)) > 0.001
+        }
+        if drift:
+            # The same create call updates a durable's editable fields; filter and policy stay as they are.
+            updated = current.evolve(**{name: new for name, (_, new) in drift.items()})
+            await js.add_consumer(plan.stream, updated)
+            logger.info("listener.consumer_updated stream=%s durable=%s drift=%s", plan.stream, plan.durable, drift)
 
     async def run(self) -> RunStats:
         js = await self.connect()
@@ -184,15 +256,18 @@ class ListenerRunner:
             tasks = [asyncio.create_task(self._consume(js, plan)) for plan in self.plans]
             await asyncio.gather(*tasks)
         finally:
-            if self.nc is not None and not self.nc.is_closed:
-                # Acks are plain publishes: flush them to the server before closing.
-                try:
-                    await asyncio.wait_for(self.nc.flush(), timeout=5)
-                except Exception:  # noqa: BLE001 - closing anyway; unacked messages are redelivered
-                    logger.warning("listener.flush_failed: unacked messages will be redelivered")
-                await self.nc.close()
+            await self._close()
             await sync_to_async(connections.close_all, thread_sensitive=True)()
         return self.stats
+
+    async def _close(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            # Acks are plain publishes: flush them to the server before closing.
+            try:
+                await asyncio.wait_for(self.nc.flush(), timeout=5)
+            except Exception:  # noqa: BLE001 - closing anyway; unacked messages are redelivered
+                logger.warning("listener.flush_failed: unacked messages will be redelivered")
+            await self.nc.close()
 
     def _done(self) -> bool:
         return (
@@ -204,33 +279,68 @@ class ListenerRunner:
     async def _consume(self, js: JetStreamContext, plan: ConsumerPlan) -> None:
         psub = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
         failures = 0
-        while not self._done():
-            want = self.batch
-            if self.max_messages is not None:
-                want = max(1, min(want, self.max_messages - self.stats.handled))
-            try:
-                msgs = await psub.fetch(want, timeout=self.fetch_timeout)
-            except nats.errors.TimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - NATS restarting: reconnect is automatic
-                failures += 1
-                if failures in (1, 10) or failures % 100 == 0:
-                    logger.warning("listener.fetch_failed durable=%s error=%s", plan.durable, exc or type(exc).__name__)
-                await asyncio.sleep(min(0.1 * failures, 2.0))
-                if failures % 20 == 0:
-                    try:
-                        await self._ensure_consumer(js, plan)
-                    except Exception as exc2:  # noqa: BLE001
-                        logger.debug("listener.ensure_consumer_failed error=%s", exc2)
-                continue
-            failures = 0
-            if not msgs:
-                continue
-            self._last_activity = time.monotonic()
-            await self._process(plan, msgs)
-            self._last_activity = time.monotonic()
+        try:
+            while not self._done():
+                want = self.batch
+                if self.max_messages is not None:
+                    want = max(1, min(want, self.max_messages - self.stats.handled))
+                try:
+                    msgs = await psub.fetch(want, timeout=self.fetch_timeout)
+                except nats.errors.TimeoutError:
+                    continue
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - NATS restarting: reconnect is automatic
+                    failures += 1
+                    if failures in (1, 10) or failures % 100 == 0:
+                        logger.warning(
+                            "listener.fetch_failed durable=%s error=%s", plan.durable, str(exc) or type(exc).__name__
+                        )
+                    await self._pause(min(0.1 * failures, 2.0))
+                    if failures % 20 == 0:
+                        try:
+                            await self._ensure_consumer(js, plan)
+                        except Exception as exc2:  # noqa: BLE001
+                            logger.debug("listener.ensure_consumer_failed error=%s", exc2)
+                    continue
+                failures = 0
+                if not msgs:
+                    continue
+                self._last_activity = time.monotonic()
+                await self._process(plan, msgs)
+                self._last_activity = time.monotonic()
+        finally:
+            await self._hand_back(psub, plan)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when asked to stop."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    async def _hand_back(self, psub, plan: ConsumerPlan) -> None:
+        """Nak the messages the client buffered for a fetch that never handed them to us.
+
+        A pull can deliver a little after ``fetch`` returned; such messages sit in the
+        subscription's queue. Unacked, they would wait ``ack_wait`` before anyone got
+        them again; a plain nak makes them available at once.
+        """
+        if self.nc is None or self.nc.is_closed:
+            return
+        queue = getattr(getattr(psub, "_sub", None), "_pending_queue", None)
+        try:
+            await psub.unsubscribe()
+        except Exception as exc:  # noqa: BLE001 - the connection may be gone; redelivery covers it
+            logger.debug("listener.unsubscribe_failed durable=%s error=%s", plan.durable, exc)
+        returned = 0
+        while queue is not None and not queue.empty():
+            msg = queue.get_nowait()
+            if msg.reply and not (msg.headers or {}).get("Status"):
+                await _safe(msg.nak())
+                returned += 1
+        if returned:
+            logger.info("listener.handed_back durable=%s messages=%d", plan.durable, returned)
 
     async def _process(self, plan: ConsumerPlan, msgs: list[Msg]) -> None:
         deliveries = []
@@ -249,14 +359,13 @@ class ListenerRunner:
                     listener=plan.listeners.get(name),
                 )
             )
-        try:
-            decisions = await sync_to_async(_apply, thread_sensitive=True)(deliveries)
-        except Exception as exc:  # noqa: BLE001 - database down: nothing committed, redeliver soon
-            logger.error("listener.batch_failed durable=%s messages=%d error=%s", plan.durable, len(msgs), exc)
-            for msg in msgs:
-                await _safe(msg.nak(delay=1.0))
-            await asyncio.sleep(0.5)
+        decisions = await self._apply_until_committed(plan, msgs, deliveries)
+        if decisions is None:
             return
+        self._batches += 1
+        if self._crash_after and self._batches >= self._crash_after:
+            logger.critical("listener.fault_injection %s: SIGKILL after commit, before ack", CRASH_AFTER_COMMIT_ENV)
+            os.kill(os.getpid(), signal.SIGKILL)
         for msg, decision in zip(msgs, decisions, strict=True):
             if decision.action == ACK:
                 await _safe(msg.ack())
@@ -267,6 +376,46 @@ class ListenerRunner:
             if decision.action != NAK:
                 self.stats.add(decision)
 
+    async def _apply_until_committed(
+        self, plan: ConsumerPlan, msgs: list[Msg], deliveries: list[Delivery]
+    ) -> list[Decision] | None:
+        """Run the batch transaction; retry it in place while the database refuses it.
+
+        Nothing was committed when it raised, so trying again is safe. The messages are
+        kept "in progress" meanwhile, so JetStream neither redelivers them nor counts
+        deliveries. Asked to stop, the runner hands them back instead (None).
+        """
+        attempt = 0
+        while True:
+            try:
+                return await sync_to_async(_apply, thread_sensitive=True)(deliveries)
+            except Exception as exc:  # noqa: BLE001 - database down or commit failed: nothing was committed
+                attempt += 1
+                if attempt in (1, 2, 10) or attempt % 50 == 0:
+                    logger.error(
+                        "listener.batch_failed durable=%s messages=%d attempt=%d error=%s: %s",
+                        plan.durable,
+                        len(msgs),
+                        attempt,
+                        type(exc).__name__,
+                        exc,
+                    )
+                if self.stopping:
+                    for msg in msgs:
+                        await _safe(msg.nak(delay=1.0))
+                    return None
+                for msg in msgs:
+                    await _safe(msg.in_progress())
+                await self._pause(min(0.2 * 2 ** min(attempt, 10), BATCH_RETRY_MAX))
+
+
+def _crash_after_commit() -> int:
+    value = os.environ.get(CRASH_AFTER_COMMIT_ENV, "").strip()
+    try:
+        return max(int(value), 0) if value else 0
+    except ValueError:
+        return 0
+
 
 def _apply(deliveries: list[Delivery]) -> list[Decision]:
     close_old_connections()
@@ -274,12 +423,16 @@ def _apply(deliveries: list[Delivery]) -> list[Decision]:
 
 
 def _forget(plan: ConsumerPlan, reset: bool) -> None:
+    """``--from-start``: forget what this consumer applied (and with ``--reset`` what it built), atomically."""
+    from django.db import transaction
+
     from listeners.models import InboxEntry
 
-    InboxEntry.objects.filter(consumer=plan.durable).delete()
-    if reset:
-        for cls in set(plan.listeners.values()):
-            cls().reset()
+    with transaction.atomic():
+        InboxEntry.objects.filter(consumer=plan.durable).delete()
+        if reset:
+            for cls in set(plan.listeners.values()):
+                cls().reset()
 
 
 async def _safe(coro) -> None:

@@ -9,7 +9,7 @@ import signal
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from listeners.errors import UnknownListenerSubject
+from listeners.errors import ListenerError
 from listeners.registry import known_subjects, listeners_for
 from listeners.runner import ListenerRunner
 from outbox.errors import OutboxError
@@ -33,6 +33,12 @@ class Command(BaseCommand):
         parser.add_argument(
             "--reset", action="store_true", help="with --from-start: also delete the listeners' local models first"
         )
+        parser.add_argument(
+            "--ack-wait",
+            type=float,
+            help="seconds JetStream waits for an ack before redelivering (default: the listeners' ack_wait); "
+            "applied to the durable consumer, i.e. to every process of the group",
+        )
 
     def handle(self, *args, **options) -> None:
         subjects: list[str] = options["subjects"]
@@ -42,10 +48,14 @@ class Command(BaseCommand):
             raise CommandError("--max-messages must be at least 1")
         if options["reset"] and not options["from_start"]:
             raise CommandError("--reset only makes sense with --from-start")
+        if options["idle_exit"] is not None and options["idle_exit"] <= 0:
+            raise CommandError("--idle-exit must be a positive number of seconds")
+        if options["ack_wait"] is not None and not 0.5 <= options["ack_wait"] <= 86400:
+            raise CommandError("--ack-wait must be between 0.5 and 86400 seconds")
         try:
             classes = listeners_for(subjects, group=options["group"])
-        except UnknownListenerSubject as exc:
-            raise CommandError(str(exc)) from None
+        except ListenerError as exc:
+            raise CommandError(_one_line(exc)) from None
         runner = ListenerRunner(
             classes,
             subjects=subjects,
@@ -55,11 +65,12 @@ class Command(BaseCommand):
             idle_exit=options["idle_exit"],
             from_start=options["from_start"],
             reset=options["reset"],
+            ack_wait=options["ack_wait"],
         )
         try:
             stats = asyncio.run(self._run(runner))
-        except OutboxError as exc:
-            raise CommandError(str(exc)) from None
+        except (ListenerError, OutboxError) as exc:
+            raise CommandError(_one_line(exc)) from None
         summary = ", ".join(f"{k}={v}" for k, v in sorted(stats.outcomes.items())) or "nothing"
         self.stdout.write(f"listener stopped after {stats.handled} message(s): {summary}")
 
@@ -73,6 +84,9 @@ class Command(BaseCommand):
                 logger.warning("listener.stopping signal=%s (send again to exit at once)", signal.Signals(signum).name)
                 runner.stop()
             else:
+                # Nothing is acked that was not committed, and an open transaction dies with the
+                # connection: leaving now loses nothing, the messages in hand are redelivered.
+                os.write(2, b"listener: second signal, exiting at once\n")
                 os._exit(130)
 
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -80,3 +94,7 @@ class Command(BaseCommand):
         runner_subjects = ", ".join(runner.subjects)
         logger.info("listener.starting subjects=%s known=%s", runner_subjects, ",".join(known_subjects()))
         return await runner.run()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
