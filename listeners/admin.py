@@ -19,8 +19,10 @@ from django.utils.html import format_html
 from django.utils.text import Truncator
 from django.utils.translation import ngettext
 
+from listeners.errors import ListenerError
 from listeners.models import DeadLetter, DeadLetterStatus, InboxEntry, TicketReplica
 from listeners.processing import ACK, dead_letter_replay
+from listeners.services import dead_letter_edit_payload
 from outbox.admin import ReadOnlyAdminMixin, badge, pretty_json
 from outbox.contracts import registry
 from outbox.errors import InvalidPayloadError, UnknownSubjectError
@@ -159,7 +161,10 @@ class DeadLetterAdmin(admin.ModelAdmin):
     def save_model(self, request: HttpRequest, obj: DeadLetter, form: DeadLetterForm, change: bool) -> None:
         # Only the payload is the operator's to change; status and the record stay the listener's.
         if "payload" in form.changed_data:
-            obj.save(update_fields=["payload"])
+            try:
+                dead_letter_edit_payload(dead_letter_id=obj.pk, payload=obj.payload)
+            except ListenerError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
 
     def response_change(self, request: HttpRequest, obj: DeadLetter) -> HttpResponse:
         if "_replay" in request.POST:

@@ -49,10 +49,8 @@ def sweep() -> int:
 
     close_old_connections()
     try:
-        backlog = outbox_backlog()
-        metrics.BACKLOG.set(backlog.pending)
-        metrics.OLDEST_PENDING_AGE.set(backlog.oldest_pending_age or 0)
-        if backlog.pending == 0:
+        metrics.sample()
+        if outbox_backlog().pending == 0:
             return 0
         return _get_relay().drain(time_budget=outbox_settings().TASK_TIME_BUDGET).published
     finally:
@@ -77,6 +75,19 @@ def _fresh_connection_after_fork(**_: object) -> None:
     global _relay
     _relay = None
     reset_broker()
+
+
+@worker_ready.connect
+def _metrics_server(**_: object) -> None:
+    """OUTBOX_METRICS_PORT=9808 serves this worker's relay counters to Prometheus (loopback by default)."""
+    import os
+
+    port = os.environ.get("OUTBOX_METRICS_PORT")
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(int(port), addr=os.environ.get("OUTBOX_METRICS_ADDR", "127.0.0.1"))
+        logger.info("outbox.metrics_server port=%s", port)
 
 
 @worker_ready.connect

@@ -8,7 +8,6 @@ from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from outbox import metrics
-from outbox.selectors import outbox_backlog
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:
@@ -17,7 +16,5 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
         allowed = request.META.get("REMOTE_ADDR", "").startswith("127.")
     if not allowed:
         return HttpResponseForbidden("metrics need a staff login (or OUTBOX_METRICS_PUBLIC=1 from loopback)\n")
-    backlog = outbox_backlog()
-    metrics.BACKLOG.set(backlog.pending)
-    metrics.OLDEST_PENDING_AGE.set(backlog.oldest_pending_age or 0)
+    metrics.sample()
     return HttpResponse(generate_latest(), content_type=CONTENT_TYPE_LATEST)
