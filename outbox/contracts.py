@@ -67,7 +67,7 @@ class Contract:
             return msgspec.json.decode(data, type=self.type)
         except msgspec.ValidationError as exc:
             raise InvalidPayloadError(f"{self.name}: {exc}") from exc
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise InvalidPayloadError(f"{self.name}: not valid JSON ({exc})") from exc
 
     def from_data(self, data: Any) -> Event:

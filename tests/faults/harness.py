@@ -69,6 +69,9 @@ class Stack:
             "ticket:updated",
             "--batch",
             "50",
+            # A short ack wait: messages held by a killed listener come back in seconds.
+            "--ack-wait",
+            "3",
             env={**self.env, **env},
             log=self.log("listener"),
         )
