@@ -47,17 +47,17 @@ class OutboxEvent(models.Model):
     class Meta:
         verbose_name = "outbox event"
         indexes = [
-            # The relay's scan: pending rows in commit-independent order.
+            # The relay's window: pending rows in commit-independent order. Published rows leave it,
+            # so the claim never reads history (their entries are skipped until vacuum drops them).
             models.Index(fields=["seq"], name="outbox_pending_seq", condition=Q(status="pending")),
-            # "Is there an earlier unfinished row of this aggregate?" — touches unfinished rows only.
+            # "Does this aggregate have a dead row?" — holds back its later rows. Usually empty.
             models.Index(
                 fields=["aggregate_type", "aggregate_id", "seq"],
-                name="outbox_unfinished_agg",
-                condition=~Q(status="published"),
+                name="outbox_dead_agg",
+                condition=Q(status="dead"),
             ),
             models.Index(fields=["aggregate_type", "aggregate_id"], name="outbox_aggregate"),
             models.Index(fields=["published_at"], name="outbox_published_at", condition=Q(status="published")),
-            models.Index(fields=["status", "subject"], name="outbox_status_subject"),
         ]
 
     def __str__(self) -> str:
