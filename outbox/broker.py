@@ -95,6 +95,16 @@ class Broker:
         self._js: JetStreamContext | None = None
         self._lock = asyncio.Lock()
 
+    def submit_client(self, factory: Callable[[NATS], Awaitable[T]]) -> concurrent.futures.Future[T]:
+        """Like :meth:`submit`, with the connection itself (the relay frames its own publishes)."""
+
+        async def runner() -> T:
+            await self.jetstream()
+            assert self._nc is not None
+            return await factory(self._nc)
+
+        return asyncio.run_coroutine_threadsafe(runner(), self._loop)
+
     def submit(self, factory: Callable[[JetStreamContext], Awaitable[T]]) -> concurrent.futures.Future[T]:
         """Start ``factory(js)`` on the loop thread; the caller collects it with :meth:`result`."""
 

@@ -29,7 +29,24 @@ class OutboxSettings:
     DUPLICATE_WINDOW: float = 300.0
     #: Rows claimed by one relay batch.
     BATCH_SIZE: int = 500
-    #: How long a claimed row belongs to its relay before another may reclaim it.
+    #: Batches one relay keeps in flight: while one is on the wire, the next is claimed and the
+    #: previous one marked. 1 = claim, publish, mark strictly in turn.
+    PIPELINE_DEPTH: int = 3
+    #: How relays share the outbox on PostgreSQL (see docs/relay.md):
+    #: "partitions" - each relay owns hash partitions of the aggregates through session-level
+    #: advisory locks (released when its session ends) and claims with a read-only query;
+    #: "leases" - every claimed row is leased (lease_until/lease_owner) in the claim transaction.
+    #: Use "leases" behind a transaction-pooling proxy (pgbouncer pool_mode=transaction), where
+    #: session locks do not work. SQLite always uses leases. All relays of a database must agree.
+    OWNERSHIP: str = "partitions"
+    #: Seconds between a relay's checks of how many relays share the partitions (it takes or
+    #: gives back partitions to hold about 1/n of them).
+    REBALANCE_SECONDS: float = 1.0
+    #: Frame JetStream publishes directly into nats-py's outgoing buffer (about a quarter of the
+    #: CPU of ``publish_async``; needs nats-py's internal command buffer, checked at start-up).
+    #: False uses the public ``Client.publish``.
+    WIRE_PUBLISH: bool = True
+    #: How long a claimed row belongs to its relay before another may reclaim it ("leases").
     LEASE_SECONDS: float = 30.0
     #: Seconds to wait for one PubAck.
     PUBLISH_TIMEOUT: float = 5.0

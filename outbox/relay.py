@@ -1,52 +1,69 @@
-"""The relay: claim -> publish -> mark.
+"""The relay: claim -> publish -> mark. The design and its proofs are in docs/relay.md.
 
-1. **Claim** (one short transaction). Take the *heads* of aggregates: pending rows
-   whose lease is free, whose backoff has elapsed, and that have no earlier
-   unfinished (pending or dead) row of the same aggregate, with
-   ``FOR UPDATE SKIP LOCKED``. Holding an aggregate's head means owning the
-   aggregate, so the head's contiguous pending successors are claimed with it.
-   Every claimed row gets a lease (``lease_until``) and a fencing token
-   (``lease_owner``). The transaction commits before any NATS traffic.
-2. **Publish** (no transaction open). Rows go out in *rounds*: round k carries the
-   k-th claimed row of every aggregate, pipelined with ``publish_async``; the next
-   round starts when every PubAck of this one is in. An aggregate whose row failed
-   drops out of later rounds, so a stream never holds version N+1 without N.
-   ``Nats-Msg-Id`` is the event id; a duplicate PubAck counts as success.
-3. **Mark** (one short transaction). Published rows get their stream sequence;
-   failed rows get attempts, last_error and a backoff (or become dead); rows of a
-   failed aggregate that were not attempted are released. Every write checks the
-   fencing token, so a relay whose lease expired cannot overwrite its successor.
+1. **Claim** (one short statement; no transaction stays open). Take pending rows in
+   ``seq`` order from a bounded *window* at the front of the queue. A row is claimable
+   when it is due, not leased by anyone, not in one of our batches still in flight,
+   its aggregate has no dead row, and *no earlier row of its aggregate in the window*
+   fails any of that. Every earlier unfinished row of an aggregate is in the window
+   (the window is a prefix of the queue, in ``seq`` order), so the claimed rows of an
+   aggregate are exactly the next ones due, in version order: no anti-join over the
+   table, no scan of published history.
 
-A relay killed anywhere leaves leased rows that any relay reclaims after
-``LEASE_SECONDS``; JetStream's dedup window absorbs the re-publish.
+   Who may claim what, on PostgreSQL (``OWNERSHIP = "partitions"``, the default): the
+   aggregates are hashed into 64 partitions and a relay claims only from partitions it
+   holds a session-level advisory lock on, so two relays never hold the same aggregate
+   and the claim itself writes nothing. A relay holds about 1/n of the partitions when n
+   relays run (it checks every ``REBALANCE_SECONDS``); its session ending (crash, kill,
+   lost connection) releases them at once. The mark is fenced by a token stored in the
+   session, so a relay whose session was replaced cannot write. With
+   ``OWNERSHIP = "leases"`` (and always on SQLite) claims are serialised and every
+   claimed row is leased (``lease_until``/``lease_owner``); the mark is fenced by the
+   lease owner and a crashed relay's rows come back when their lease expires.
+2. **Publish** (no transaction open). Each aggregate's rows form a chain: its next row
+   goes out when the PubAck of the previous one is in, so at most one message per
+   aggregate is unacknowledged and a stream never holds version N+1 without N. Chains
+   of different aggregates are pipelined. ``Nats-Msg-Id`` is the event id; a duplicate
+   PubAck counts as success. A failure ends the chain; its later rows are skipped.
+3. **Mark** (one statement per outcome). Published rows get their stream sequence;
+   failed rows get attempts, last_error and a backoff, or become dead.
+
+:meth:`Relay.drain` keeps ``PIPELINE_DEPTH`` batches in flight: batch N+1 is claimed
+while N is on the wire and N-1 is being marked. Batches are aggregate-disjoint: a claim
+treats the rows of in-flight batches as not claimable, which blocks their aggregates.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
+import math
 import os
 import random
+import re
 import signal
 import time
 import uuid
-from collections import OrderedDict
+import weakref
+from collections import deque
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import msgspec
 from django.db import connection, transaction
 from django.utils import timezone
-from nats.errors import MaxPayloadError
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from outbox import metrics
 from outbox.broker import Broker, get_broker
 from outbox.conf import OutboxSettings, outbox_settings
 from outbox.contracts import registry
-from outbox.errors import OutboxError, PublishError, UnknownSubjectError
+from outbox.errors import ConfigurationError, OutboxError, PublishError, UnknownSubjectError
 from outbox.models import OutboxEvent
 from outbox.streams import ensure_streams, nats_subject
 
@@ -58,10 +75,23 @@ _FAULT = os.environ.get("OUTBOX_FAULT_INJECTION", "")
 
 TABLE = OutboxEvent._meta.db_table
 
+#: Hash partitions of the aggregates (PostgreSQL, OWNERSHIP="partitions"). A constant: every
+#: relay of a database must map an aggregate to the same partition.
+PARTITIONS = 64
+#: First key of every advisory lock the relay takes ("obx0"); the second key is the partition,
+#: or one of the two below.
+LOCK_CLASS = 0x6F627830
+_MEMBER_KEY = 1000  # shared lock held by every relay that is draining: counts the relays
+_CLAIM_KEY = 1001  # transaction lock serialising lease-mode claims
 
-@dataclass
+#: The window of a claim: the oldest pending rows, this many times the batch size (plus the
+#: rows of our batches in flight, which sit at the front of the queue).
+WINDOW_FACTOR = 4
+
+
+@dataclass(slots=True)
 class ClaimedRow:
-    id: uuid.UUID
+    id: str
     seq: int
     subject: str
     body: bytes
@@ -70,6 +100,7 @@ class ClaimedRow:
     aggregate_id: str
     aggregate_version: int | None
     attempts: int
+    partition: int = -1
 
 
 @dataclass
@@ -95,11 +126,26 @@ def backoff_seconds(attempt: int, conf: OutboxSettings) -> float:
     return ceiling / 2 + random.random() * ceiling / 2  # noqa: S311 - jitter, not crypto
 
 
-# --- claim ----------------------------------------------------------------------------
+# --- database helpers -----------------------------------------------------------------
 
 
-def _pk(value: uuid.UUID) -> Any:
-    return OutboxEvent._meta.pk.get_db_prep_value(value, connection)
+def _postgres() -> bool:
+    return connection.vendor == "postgresql"
+
+
+def _cursor() -> Any:
+    """A cursor on Django's connection. On PostgreSQL a plain psycopg cursor: parameters are
+    bound by the server (Django's default cursor quotes every array element client-side)."""
+    if _postgres():
+        import psycopg
+
+        connection.ensure_connection()
+        return psycopg.Cursor(connection.connection)
+    return connection.cursor()
+
+
+def _pk(value: str) -> Any:
+    return OutboxEvent._meta.pk.get_db_prep_value(uuid.UUID(value), connection)
 
 
 def _dt(value: datetime) -> Any:
@@ -110,166 +156,415 @@ def _placeholders(n: int) -> str:
     return ", ".join(["%s"] * n)
 
 
-def claim_batch(*, limit: int, lease_seconds: float, owner: str, exhaustive: bool = True) -> list[ClaimedRow]:
-    """Claim up to ``limit`` rows in one short transaction and return them in publish order.
-
-    ``exhaustive=False`` only looks at the oldest pending rows (a bounded window): cheap, and
-    what a relay that already has a batch in flight wants.
-    """
-    postgres = connection.vendor == "postgresql"
-    lock_heads = "FOR UPDATE SKIP LOCKED" if postgres else ""
-    payload_col = "payload::text, headers::text" if postgres else "payload, headers"
-    with transaction.atomic():
-        now = timezone.now()
-        with connection.cursor() as cur:
-            # First look only at the oldest pending rows (a bounded window, so a deep backlog on
-            # few aggregates does not make every claim scan it); when none of those is claimable
-            # (their aggregates are busy or blocked), look at the whole backlog.
-            heads = _heads(cur, now=now, limit=limit, window=limit * WINDOW_FACTOR, lock=lock_heads)
-            if not heads and exhaustive:
-                heads = _heads(cur, now=now, limit=limit, window=None, lock=lock_heads)
-            if not heads:
-                return []
-            ids = [h[0] for h in heads]
-            room = limit - len(heads)
-            if room > 0:
-                ids.extend(_claim_followers(cur, heads, room, now, postgres))
-            lease = _dt(now + timedelta(seconds=lease_seconds))
-            if postgres:
-                # One round trip: lease the rows and read what to publish.
-                cur.execute(
-                    f"""
-                    UPDATE {TABLE} SET lease_until = %s, lease_owner = %s WHERE id = ANY(%s)
-                    RETURNING id, seq, subject, {payload_col}, aggregate_type, aggregate_id,
-                              aggregate_version, attempts
-                    """,  # noqa: S608
-                    [lease, owner, ids],
-                )
-            else:
-                cur.execute(
-                    f"UPDATE {TABLE} SET lease_until = %s, lease_owner = %s "  # noqa: S608
-                    f"WHERE id IN ({_placeholders(len(ids))})",
-                    [lease, owner, *ids],
-                )
-                cur.execute(
-                    f"""
-                    SELECT id, seq, subject, {payload_col}, aggregate_type, aggregate_id, aggregate_version, attempts
-                    FROM {TABLE} WHERE id IN ({_placeholders(len(ids))})
-                    """,  # noqa: S608
-                    ids,
-                )
-            rows = sorted(cur.fetchall(), key=lambda r: r[1])
-    return [
-        ClaimedRow(
-            id=r[0] if isinstance(r[0], uuid.UUID) else uuid.UUID(str(r[0])),
-            seq=r[1],
-            subject=r[2],
-            body=r[3].encode() if isinstance(r[3], str) else json.dumps(r[3]).encode(),
-            headers=json.loads(r[4]) if isinstance(r[4], str) else (r[4] or {}),
-            aggregate_type=r[5],
-            aggregate_id=r[6],
-            aggregate_version=r[7],
-            attempts=r[8],
-        )
-        for r in rows
-    ]
+_decode_headers = msgspec.json.Decoder(dict[str, Any]).decode
 
 
-WINDOW_FACTOR = 4
-
-
-def _heads(cur: Any, *, now: datetime, limit: int, window: int | None, lock: str) -> list[tuple]:
-    window_sql = (
-        f"AND o.id IN (SELECT w.id FROM {TABLE} w WHERE w.status = 'pending' ORDER BY w.seq LIMIT %s)" if window else ""
+def _row(r: tuple, *, partition: int = -1) -> ClaimedRow:
+    """(id, seq, subject, payload text, headers text, type, id, version, attempts) -> ClaimedRow."""
+    row_id = r[0] if len(r[0]) == 36 else str(uuid.UUID(r[0]))  # SQLite stores 32 hex digits
+    return ClaimedRow(
+        row_id, r[1], r[2], r[3].encode(), _decode_headers(r[4]) if r[4] else {}, r[5], r[6], r[7], r[8], partition
     )
+
+
+# --- claim: partitions (PostgreSQL) ---------------------------------------------------
+
+_HASH = "hashtextextended(o.aggregate_type || ':' || o.aggregate_id, 0)"
+
+#: One read-only statement. ``w``: the window (oldest pending rows of our partitions) with an
+#: ``ok`` flag per row; ``c``: the ok rows with no earlier not-ok row of their aggregate in the
+#: window, oldest first; then their columns, fetched by ctid. Aggregates are compared by a
+#: 64-bit hash: a collision can only hold a row back, never let one through.
+_OWNED_CLAIM = f"""
+WITH w AS MATERIALIZED (
+    SELECT s.tid, s.seq, s.h,
+           (s.ready
+            AND s.seq NOT IN (SELECT unnest(string_to_array(%(inflight)s, ',')::bigint[]))
+            AND s.h NOT IN (SELECT {_HASH} FROM {TABLE} o WHERE o.status = 'dead')) AS ok
+    FROM (
+        SELECT o.ctid AS tid, o.seq, {_HASH} AS h,
+               (o.next_attempt_at <= %(now)s AND (o.lease_until IS NULL OR o.lease_until < %(now)s)) AS ready
+        FROM {TABLE} o
+        WHERE o.status = 'pending' {{partitions}}
+        ORDER BY o.seq
+        {{window}}
+    ) AS s
+), c AS (
+    SELECT w.tid, w.seq, w.h FROM w
+    WHERE w.ok AND NOT EXISTS (SELECT 1 FROM w AS b WHERE NOT b.ok AND b.h = w.h AND b.seq < w.seq)
+    ORDER BY w.seq
+    LIMIT %(limit)s
+)
+SELECT o.id::text, o.seq, o.subject, o.payload::text, o.headers::text, o.aggregate_type, o.aggregate_id,
+       o.aggregate_version, o.attempts, (c.h & {PARTITIONS - 1})::int
+FROM c JOIN {TABLE} o ON o.ctid = c.tid
+ORDER BY c.seq
+"""  # noqa: S608 - table name and constants only
+
+
+def _claim_owned(
+    cur: Any, *, limit: int, window: int | None, inflight: str, partitions: list[int] | None
+) -> list[ClaimedRow]:
+    """``inflight``: the seqs of our rows in flight, comma-separated (one parameter, parsed by the server)."""
+    sql = _OWNED_CLAIM.format(
+        partitions=f"AND ({_HASH} & {PARTITIONS - 1}) = ANY(%(partitions)s::int[])" if partitions is not None else "",
+        window="LIMIT %(window)s" if window is not None else "",
+    )
+    params = {"now": timezone.now(), "inflight": inflight, "limit": limit, "window": window, "partitions": partitions}
+    cur.execute(sql, params)
+    return [_row(r, partition=r[9]) for r in cur.fetchall()]
+
+
+class _Partitions:
+    """The partitions this relay's database session holds (session-level advisory locks)."""
+
+    def __init__(self, conf: OutboxSettings) -> None:
+        self.conf = conf
+        self.token = ""
+        self.owned: set[int] = set()
+        self.members = 1
+        self.next_check = 0.0
+
+    @property
+    def joined(self) -> bool:
+        return bool(self.token)
+
+    def join(self, cur: Any) -> None:
+        """Count ourselves among the relays and bind a fencing token to this session."""
+        self.token = uuid.uuid4().hex
+        # A client that vanishes without closing its socket (host down) must not keep its
+        # partitions for hours: have the server probe the connection.
+        idle = str(max(1, int(self.conf.LEASE_SECONDS / 3)))
+        cur.execute(
+            "SELECT pg_advisory_lock_shared(%s, %s), set_config('outbox.relay_token', %s, false), "
+            "set_config('tcp_keepalives_idle', %s, false), set_config('tcp_keepalives_interval', %s, false), "
+            "set_config('tcp_keepalives_count', '3', false)",
+            [LOCK_CLASS, _MEMBER_KEY, self.token, idle, idle],
+        )
+        self.rebalance(cur, busy=set())
+
+    def rebalance(self, cur: Any, *, busy: set[int], greedy: bool = False) -> None:
+        """Hold about PARTITIONS / relays partitions: give back extra ones not in flight, take free ones."""
+        cur.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid::bigint = %s "
+            "AND objid::bigint = %s AND objsubid = 2 "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            [LOCK_CLASS, _MEMBER_KEY],
+        )
+        self.members = max(1, cur.fetchone()[0])
+        share = PARTITIONS if greedy else math.ceil(PARTITIONS / self.members)
+        if len(self.owned) > share:
+            extra = sorted(self.owned - busy, reverse=True)[: len(self.owned) - share]
+            if extra:
+                cur.execute("SELECT pg_advisory_unlock(%s, p) FROM unnest(%s::int[]) AS p", [LOCK_CLASS, extra])
+                self.owned.difference_update(extra)
+        elif len(self.owned) < share:
+            # LIMIT stops the scan once enough locks were granted: exactly those are returned.
+            cur.execute(
+                "SELECT s.p FROM (SELECT p FROM generate_series(0, %s) AS p WHERE p <> ALL(%s::int[]) "
+                "ORDER BY random()) AS s WHERE pg_try_advisory_lock(%s, s.p) LIMIT %s",
+                [PARTITIONS - 1, sorted(self.owned), LOCK_CLASS, share - len(self.owned)],
+            )
+            self.owned.update(r[0] for r in cur.fetchall())
+        self.next_check = time.monotonic() + self.conf.REBALANCE_SECONDS
+
+    def leave(self, cur: Any) -> None:
+        owned, self.owned, self.token = sorted(self.owned), set(), ""
+        cur.execute(
+            "SELECT pg_advisory_unlock(%s, p) FROM unnest(%s::int[]) AS p",
+            [LOCK_CLASS, owned],
+        )
+        cur.execute(
+            "SELECT pg_advisory_unlock_shared(%s, %s), set_config('outbox.relay_token', '', false)",
+            [LOCK_CLASS, _MEMBER_KEY],
+        )
+
+    def others(self, cur: Any) -> int:
+        """Relays draining right now, other than us."""
+        cur.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid::bigint = %s "
+            "AND objid::bigint = %s AND objsubid = 2 AND pid <> pg_backend_pid() "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            [LOCK_CLASS, _MEMBER_KEY],
+        )
+        return cur.fetchone()[0]
+
+
+# --- claim: leases (any database) ------------------------------------------------------
+
+
+def claim_batch(*, limit: int, lease_seconds: float, owner: str, exhaustive: bool = True) -> list[ClaimedRow]:
+    """Lease up to ``limit`` claimable rows to ``owner`` and return them in ``seq`` order.
+
+    The lease mode (``OWNERSHIP = "leases"``, and SQLite): claims are serialised (an advisory
+    transaction lock on PostgreSQL, the write lock on SQLite), the window walk runs here,
+    and the rows are leased in the same short transaction. ``exhaustive=False`` looks at
+    the window only: what a relay that already has a batch in flight wants.
+    """
+    postgres = _postgres()
+    with transaction.atomic(), _cursor() as cur:
+        if postgres:
+            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [LOCK_CLASS, _CLAIM_KEY])
+        now = timezone.now()
+        window = limit * WINDOW_FACTOR
+        chosen = _walk_window(cur, now=now, limit=limit, window=window)
+        if not chosen and exhaustive:
+            chosen = _walk_window(cur, now=now, limit=limit, window=None)
+        if not chosen:
+            return []
+        ids = [c[0] for c in chosen]
+        keys = [_pk(i) for i in ids]
+        lease = _dt(now + timedelta(seconds=lease_seconds))
+        # Re-checked on the row: a concurrent write (e.g. the late mark of a relay whose lease
+        # expired) may have changed it since the window was read.
+        cur.execute(
+            f"UPDATE {TABLE} SET lease_until = %s, lease_owner = %s "  # noqa: S608
+            f"WHERE id IN ({_placeholders(len(keys))}) AND status = 'pending' AND next_attempt_at <= %s "
+            "AND (lease_until IS NULL OR lease_until < %s)",
+            [lease, owner, *keys, _dt(now), _dt(now)],
+        )
+        payload = "payload::text, headers::text" if postgres else "payload, headers"
+        id_col = "id::text" if postgres else "id"
+        cur.execute(
+            f"SELECT {id_col}, seq, subject, {payload}, aggregate_type, aggregate_id, aggregate_version, attempts "  # noqa: S608
+            f"FROM {TABLE} WHERE lease_owner = %s AND id IN ({_placeholders(len(keys))})",
+            [owner, *keys],
+        )
+        leased = {r.id: r for r in map(_row, cur.fetchall())}
+        rows, gaps = _contiguous(chosen, leased)
+        if gaps:
+            cur.execute(
+                f"UPDATE {TABLE} SET lease_until = NULL, lease_owner = '' "  # noqa: S608
+                f"WHERE lease_owner = %s AND id IN ({_placeholders(len(gaps))})",
+                [owner, *[_pk(i) for i in gaps]],
+            )
+    return rows
+
+
+def _walk_window(cur: Any, *, now: datetime, limit: int, window: int | None) -> list[tuple[str, tuple[str, str]]]:
+    """(id, aggregate) of the claimable rows among the oldest ``window`` pending rows."""
+    id_col = "o.id::text" if _postgres() else "o.id"
     cur.execute(
         f"""
-        SELECT o.id, o.aggregate_type, o.aggregate_id, o.seq FROM {TABLE} o
-        WHERE o.status = 'pending'
-          {window_sql}
-          AND o.next_attempt_at <= %s
-          AND (o.lease_until IS NULL OR o.lease_until < %s)
-          AND NOT EXISTS (
-            SELECT 1 FROM {TABLE} p
-            WHERE p.aggregate_type = o.aggregate_type AND p.aggregate_id = o.aggregate_id
-              AND p.status <> 'published' AND p.seq < o.seq)
-        ORDER BY o.seq
-        LIMIT %s
-        {lock}
-        """,  # noqa: S608 - table name is a constant
-        [*([window] if window else []), _dt(now), _dt(now), limit],
+        SELECT {id_col}, o.aggregate_type, o.aggregate_id,
+               o.next_attempt_at <= %s AND (o.lease_until IS NULL OR o.lease_until < %s)
+               AND NOT EXISTS (SELECT 1 FROM {TABLE} d WHERE d.status = 'dead'
+                               AND d.aggregate_type = o.aggregate_type AND d.aggregate_id = o.aggregate_id
+                               AND d.seq < o.seq)
+        FROM {TABLE} o WHERE o.status = 'pending' ORDER BY o.seq {"LIMIT %s" if window else ""}
+        """,  # noqa: S608
+        [_dt(now), _dt(now), *([window] if window else [])],
     )
-    return cur.fetchall()
-
-
-def _claim_followers(cur: Any, heads: list[tuple], room: int, now: datetime, postgres: bool) -> list[Any]:
-    """The contiguous ready successors of each claimed head (its aggregate is ours now).
-
-    No row lock is needed: only the relay holding an aggregate's head may take its
-    successors, and every write-back is fenced by the lease owner.
-    """
-    head_seq = {(h[1], h[2]): h[3] for h in heads}
-    per_aggregate = max(1, -(-room // len(heads)))
-    params: list[Any] = []
-    if postgres:
-        values = ", ".join(["(%s, %s, %s::bigint)"] * len(heads))
-        for h in heads:
-            params.extend([h[1], h[2], h[3]])
-        cur.execute(
-            f"""
-            SELECT f.id, f.aggregate_type, f.aggregate_id, f.seq, f.status, f.ready
-            FROM (VALUES {values}) AS h(t, a, s)
-            CROSS JOIN LATERAL (
-                SELECT p.id, p.aggregate_type, p.aggregate_id, p.seq, p.status, p.next_attempt_at <= %s AS ready
-                FROM {TABLE} p
-                WHERE p.aggregate_type = h.t AND p.aggregate_id = h.a AND p.status <> 'published' AND p.seq > h.s
-                ORDER BY p.seq
-                LIMIT %s
-            ) AS f
-            ORDER BY f.seq
-            """,  # noqa: S608
-            [*params, _dt(now), per_aggregate],
-        )
-    else:
-        conditions = " OR ".join(["(aggregate_type = %s AND aggregate_id = %s AND seq > %s)"] * len(heads))
-        for h in heads:
-            params.extend([h[1], h[2], h[3]])
-        cur.execute(
-            f"""
-            SELECT id, aggregate_type, aggregate_id, seq, status, next_attempt_at <= %s
-            FROM {TABLE} WHERE status <> 'published' AND ({conditions}) ORDER BY seq LIMIT %s
-            """,  # noqa: S608
-            [_dt(now), *params, room * 4],
-        )
     blocked: set[tuple[str, str]] = set()
-    taken: list[Any] = []
-    for row_id, agg_type, agg_id, _seq, status, ready in cur.fetchall():
+    chosen = []
+    for row_id, agg_type, agg_id, ok in cur.fetchall():
         key = (agg_type, agg_id)
-        if key in blocked or key not in head_seq:
+        if key in blocked:
             continue
-        if status != "pending" or not ready:
-            blocked.add(key)  # a dead or backing-off row stops its aggregate here
+        if not ok:
+            blocked.add(key)  # a row that is not due, leased, or behind a dead row stops its aggregate
             continue
-        taken.append(row_id)
-        if len(taken) >= room:
+        chosen.append((row_id if len(row_id) == 36 else str(uuid.UUID(row_id)), key))
+        if len(chosen) >= limit:
             break
-    return taken
+    return chosen
+
+
+def _contiguous(
+    chosen: list[tuple[str, tuple[str, str]]], leased: dict[str, ClaimedRow]
+) -> tuple[list[ClaimedRow], list[str]]:
+    """The leased rows that follow their aggregate's chain without a hole, and the others."""
+    broken: set[tuple[str, str]] = set()
+    rows, gaps = [], []
+    for row_id, key in chosen:
+        row = leased.get(row_id)
+        if row is None or key in broken:
+            broken.add(key)
+            if row is not None:
+                gaps.append(row_id)
+            continue
+        rows.append(row)
+    return rows, gaps
 
 
 # --- publish --------------------------------------------------------------------------
 
 
-def _rounds(rows: list[ClaimedRow]) -> list[list[ClaimedRow]]:
-    per_aggregate: OrderedDict[tuple[str, str], list[ClaimedRow]] = OrderedDict()
-    for row in rows:
-        per_aggregate.setdefault((row.aggregate_type, row.aggregate_id), []).append(row)
-    depth = max(len(v) for v in per_aggregate.values())
-    return [[v[k] for v in per_aggregate.values() if len(v) > k] for k in range(depth)]
+class PublishRejected(Exception):  # noqa: N818 - a verdict, not a crash
+    """The message can never be published as it is (too large, bad header): retrying cannot help."""
+
+
+class _PubAck(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_decode_ack = msgspec.json.Decoder(_PubAck).decode
+
+#: nats-py's rule for header names (RFC 7230 token characters).
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NEWLINES = str.maketrans("", "", "\r\n")
+
+#: Called as handler(token, stream, stream sequence, None) for a PubAck, or (token, "", 0, error) for a refusal.
+AckHandler = Callable[[Any, str, int, "str | None"], None]
+
+
+class JetStreamPublisher:
+    """Pipelined JetStream publishes on one connection, each answered through a handler.
+
+    A JetStream publish is a core NATS request: the message goes to the stream's subject
+    with a reply subject, and the server answers there with a PubAck. nats-py's
+    ``publish_async`` spends ~25 us of Python per message on bookkeeping (a semaphore
+    wrapped in ``asyncio.wait_for``, random tokens, header regexes, a flush request per
+    message). This keeps one wildcard reply subscription per connection, numbers its
+    replies, frames the ``HPUB`` command itself and flushes once per burst.
+
+    Per message: :meth:`reserve` a reply subject (with the handler its answer goes to),
+    then :meth:`queue` it (wire path) or ``await`` :meth:`send` (public path); then
+    :meth:`flush`. The PubAck, or the server's refusal (e.g. 503: no stream for this
+    subject), arrives later through the handler. An answer that never comes (connection
+    lost) is the caller's to time out, with :meth:`forget`.
+
+    ``wire=True`` (when nats-py still has its command buffer, checked here) appends the
+    framed command to nats-py's outgoing buffer, which its flusher task writes; otherwise
+    the public ``Client.publish`` sends it, correct and about twice as expensive.
+    """
+
+    def __init__(self, nc: NATS, *, wire: bool = True) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox() + "."
+        self._next = 0
+        self._waiting: dict[str, tuple[AckHandler, Any]] = {}
+        self._sub: Any = None
+        self.wire = (
+            wire
+            and isinstance(getattr(nc, "_pending", None), list)
+            and isinstance(getattr(nc, "_pending_data_size", None), int)
+            and callable(getattr(nc, "_flush_pending", None))
+        )
+
+    @classmethod
+    async def for_client(cls, nc: NATS, *, wire: bool = True) -> JetStreamPublisher:
+        """The publisher of this connection (one reply subscription per connection)."""
+        publisher = _publishers.get(nc)
+        if publisher is None:
+            publisher = cls(nc, wire=wire)
+            publisher._sub = await nc.subscribe(publisher._prefix + "*", cb=publisher._on_reply)
+            _publishers[nc] = publisher
+        elif not wire:
+            publisher.wire = False
+        return publisher
+
+    async def _on_reply(self, msg: Msg) -> None:
+        waiting = self._waiting.pop(msg.subject, None)
+        if waiting is None:
+            return  # answered after it was given up on: the caller already counted it as failed
+        handler, token = waiting
+        if not msg.data:
+            status = (msg.headers or {}).get("Status", "")
+            reason = "no JetStream stream for this subject" if status == "503" else "empty PubAck"
+            handler(token, "", 0, f"{reason} (status {status or '?'})")
+            return
+        try:
+            ack = _decode_ack(msg.data)
+        except msgspec.DecodeError:
+            handler(token, "", 0, f"unreadable PubAck: {msg.data[:200]!r}")
+            return
+        if ack.error is not None:
+            code = ack.error.get("err_code") or ack.error.get("code")
+            handler(token, "", 0, f"JetStream refused the message ({code}): {ack.error.get('description', '')}")
+            return
+        handler(token, ack.stream, ack.seq, None)
+
+    @property
+    def connected(self) -> bool:
+        return self._nc.is_connected
+
+    def check_size(self, header: bytes, payload: bytes) -> None:
+        """PublishRejected if the server would refuse the message for its size (and drop the connection)."""
+        size = len(header) + len(payload)
+        if size > self._nc.max_payload:
+            raise PublishRejected(
+                f"payload too large for the server: {size} bytes with headers, max_payload is {self._nc.max_payload}"
+            )
+
+    def reserve(self, handler: AckHandler, token: Any) -> str:
+        """A fresh reply subject; its answer goes to ``handler(token, ...)``."""
+        self._next += 1
+        reply = f"{self._prefix}{self._next}"
+        self._waiting[reply] = (handler, token)
+        return reply
+
+    def queue(self, subject: str, reply: str, payload: bytes, header: bytes) -> None:
+        """Append one framed ``HPUB`` to nats-py's outgoing buffer (wire path; see :meth:`flush`)."""
+        command = b"HPUB %b %b %d %d\r\n%b%b\r\n" % (
+            subject.encode(),
+            reply.encode(),
+            len(header),
+            len(header) + len(payload),
+            header,
+            payload,
+        )
+        nc = self._nc
+        nc._pending.append(command)  # noqa: SLF001 - checked in __init__; see the class docstring
+        nc._pending_data_size += len(command)  # noqa: SLF001
+
+    async def send(self, subject: str, reply: str, payload: bytes, headers: dict[str, str]) -> None:
+        """Publish one message through nats-py's public API (it flushes by itself)."""
+        await self._nc.publish(subject, payload, reply=reply, headers=headers)
+
+    async def flush(self) -> None:
+        """Have nats-py write what :meth:`queue` appended."""
+        if self.wire and self._nc.is_connected:
+            await self._nc._flush_pending()  # noqa: SLF001
+
+    def forget(self, reply: str) -> None:
+        """Stop waiting for an answer (the caller gave up on it)."""
+        self._waiting.pop(reply, None)
+
+
+_publishers: weakref.WeakKeyDictionary[NATS, JetStreamPublisher] = weakref.WeakKeyDictionary()
+
+
+_RESERVED = frozenset({"Nats-Msg-Id", "aggregate-type", "aggregate-id", "aggregate-version"})
+_good_names: set[str] = set()
+
+
+def _clean(value: Any) -> str:
+    if type(value) is not str:
+        value = "" if value is None else str(value)
+    if "\r" in value or "\n" in value:
+        value = value.translate(_NEWLINES)
+    return value.strip()
+
+
+def _header_block(row: ClaimedRow) -> bytes:
+    """The message's ``NATS/1.0`` header block: the event's headers (correlation, causation),
+    then ``Nats-Msg-Id`` and the aggregate. nats-py's rules: names are tokens, values lose CR/LF."""
+    extra = ""
+    if row.headers:
+        parts = []
+        for name, value in row.headers.items():
+            if name not in _good_names:
+                if name in _RESERVED or not name.strip():
+                    continue
+                if not _HEADER_NAME.fullmatch(name):
+                    raise PublishRejected(f"invalid header name {name!r}")
+                _good_names.add(name)
+            parts.append(f"{name}: {_clean(value)}\r\n")
+        extra = "".join(parts)
+    version = "" if row.aggregate_version is None else f"aggregate-version: {row.aggregate_version}\r\n"
+    return (
+        f"NATS/1.0\r\n{extra}Nats-Msg-Id: {row.id}\r\naggregate-type: {_clean(row.aggregate_type)}\r\n"
+        f"aggregate-id: {_clean(row.aggregate_id)}\r\n{version}\r\n"
+    ).encode()
 
 
 def _message_headers(row: ClaimedRow) -> dict[str, str]:
-    headers = {str(k): str(v) for k, v in row.headers.items()}
-    headers["Nats-Msg-Id"] = str(row.id)
+    headers = dict(row.headers)
+    headers["Nats-Msg-Id"] = row.id
     headers["aggregate-type"] = row.aggregate_type
     headers["aggregate-id"] = row.aggregate_id
     if row.aggregate_version is not None:
@@ -277,136 +572,268 @@ def _message_headers(row: ClaimedRow) -> dict[str, str]:
     return headers
 
 
-async def publish_rows(js: JetStreamContext, rows: list[ClaimedRow], *, timeout: float) -> PublishResult:
-    """Publish claimed rows round by round; see the module docstring."""
+class _Subjects(dict):
+    """Event name -> NATS subject, checked against the contract registry once per name."""
+
+    def __missing__(self, name: str) -> str:
+        registry.get(name)  # UnknownSubjectError for an event nobody registered
+        self[name] = subject = nats_subject(name)
+        return subject
+
+
+async def publish_rows(
+    js: JetStreamContext | JetStreamPublisher,
+    rows: list[ClaimedRow],
+    *,
+    timeout: float,
+    wire: bool = True,
+    subjects: dict[str, str] | None = None,
+) -> PublishResult:
+    """Publish claimed rows, each aggregate's rows as a chain; see the module docstring.
+
+    A chain's next row is sent when the previous one's PubAck is in; chains of different
+    aggregates are pipelined. Each message waits at most ``timeout`` seconds for its answer
+    (nats.py leaves some server errors unanswered: issue 985). A failure ends its chain.
+    """
+    if isinstance(js, JetStreamPublisher):
+        publisher = js
+    else:
+        publisher = await JetStreamPublisher.for_client(js._nc, wire=wire)  # noqa: SLF001 - nats-py keeps it private
+    subjects = subjects if subjects is not None else _Subjects()
+    loop = asyncio.get_running_loop()
     result = PublishResult()
-    failed_aggregates: set[tuple[str, str]] = set()
-    for batch in _rounds(rows):
-        pending: list[tuple[ClaimedRow, asyncio.Future]] = []
-        for row in batch:
+    published = result.published
+    chains: dict[tuple[str, str], deque[ClaimedRow]] = {}
+    for row in rows:
+        chains.setdefault((row.aggregate_type, row.aggregate_id), deque()).append(row)
+    ready: deque[deque[ClaimedRow]] = deque(chains.values())  # chains whose next row may go now
+    outstanding: dict[str, str] = {}  # row id -> reply subject, for rows sent and not answered
+    sent: deque[tuple[float, ClaimedRow]] = deque()  # in send order, for the timeouts
+    wake = asyncio.Event()
+
+    def fail(row: ClaimedRow, error: str, permanent: bool = False) -> None:
+        result.failed.append((row, error, permanent))
+        rest = chains.pop((row.aggregate_type, row.aggregate_id), None)
+        if rest:
+            result.skipped.extend(rest)
+
+    def answered(row: ClaimedRow, stream: str, seq: int, error: str | None) -> None:
+        if outstanding.pop(row.id, None) is None:
+            return  # timed out already
+        if error is None:
+            published.append((row, stream, seq))
             key = (row.aggregate_type, row.aggregate_id)
-            if key in failed_aggregates:
-                result.skipped.append(row)
-                continue
+            chain = chains.get(key)
+            if chain:
+                ready.append(chain)
+            elif chain is not None:
+                del chains[key]
+        else:
+            fail(row, error)
+        wake.set()
+
+    while True:
+        if ready:
+            now = loop.time()
+            connected = publisher.connected
+            while ready:
+                row = ready.popleft().popleft()
+                reply = ""
+                try:
+                    subject = subjects[row.subject]
+                    if not connected:
+                        raise PublishError("not connected to NATS")
+                    header = _header_block(row)
+                    publisher.check_size(header, row.body)
+                    # Registered before sending: the answer may come while a send yields.
+                    reply = outstanding[row.id] = publisher.reserve(answered, row)
+                    if publisher.wire:
+                        publisher.queue(subject, reply, row.body, header)
+                    else:
+                        await publisher.send(subject, reply, row.body, _message_headers(row))
+                except (PublishRejected, UnknownSubjectError) as exc:
+                    fail(row, str(exc), True)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - connection-level failure: the row is retried
+                    if reply:
+                        publisher.forget(reply)
+                        outstanding.pop(row.id, None)
+                    fail(row, f"{type(exc).__name__}: {exc}")
+                    continue
+                sent.append((now, row))
             try:
-                registry.get(row.subject)
-                # No wait_stall: it wraps every call in asyncio.wait_for (5x slower); a batch never
-                # exceeds the context's publish_async_max_pending, so the semaphore never blocks.
-                future = await js.publish_async(nats_subject(row.subject), row.body, headers=_message_headers(row))
-            except MaxPayloadError as exc:
-                failed_aggregates.add(key)
-                result.failed.append((row, f"payload too large for the server: {exc}", True))
+                await publisher.flush()
+            except Exception as exc:  # noqa: BLE001 - the connection broke under us
+                for reply in outstanding.values():
+                    publisher.forget(reply)
+                unanswered = [r for _, r in sent if r.id in outstanding]
+                outstanding.clear()
+                for row in unanswered:
+                    fail(row, f"{type(exc).__name__}: {exc}")
+        if not outstanding:
+            if ready:
                 continue
-            except UnknownSubjectError as exc:
-                failed_aggregates.add(key)
-                result.failed.append((row, str(exc), True))
-                continue
-            except Exception as exc:  # noqa: BLE001 - connection-level failure: the row is retried
-                failed_aggregates.add(key)
-                result.failed.append((row, f"{type(exc).__name__}: {exc}", False))
-                continue
-            pending.append((row, future))
-        if not pending:
-            continue
-        # Each wait is bounded: nats.py leaves a future unresolved on some server errors (issue 985).
-        futures = [f for _, f in pending]
-        done, not_done = await asyncio.wait(futures, timeout=timeout)
-        for future in not_done:
-            future.cancel()
-        for row, future in pending:
-            key = (row.aggregate_type, row.aggregate_id)
-            if future in not_done:
-                failed_aggregates.add(key)
-                result.failed.append((row, f"no PubAck within {timeout:.1f}s", False))
-                continue
-            exc = future.exception()
-            if exc is not None:
-                failed_aggregates.add(key)
-                result.failed.append((row, f"{type(exc).__name__}: {exc}", False))
-                continue
-            ack = future.result()
-            result.published.append((row, ack.stream, ack.seq))
-    return result
+            for rest in chains.values():  # nothing left in flight: account for every row
+                result.skipped.extend(rest)
+            return result
+        while sent[0][1].id not in outstanding:
+            sent.popleft()  # answered
+        wake.clear()
+        delay = sent[0][0] + timeout - loop.time()
+        if delay > 0 and not ready:
+            try:
+                await asyncio.wait_for(wake.wait(), delay)
+            except TimeoutError:
+                pass
+        now = loop.time()
+        while sent and sent[0][0] + timeout <= now:
+            _sent_at, row = sent.popleft()
+            reply = outstanding.pop(row.id, None)
+            if reply is not None:
+                publisher.forget(reply)
+                fail(row, f"no PubAck within {timeout:.1f}s")
 
 
 # --- mark -----------------------------------------------------------------------------
 
 
-def mark_results(result: PublishResult, *, owner: str, conf: OutboxSettings) -> tuple[int, int]:
-    """Write the outcome of a batch; returns (failed, dead)."""
-    dead = 0
-    postgres = connection.vendor == "postgresql"
+def mark_results(result: PublishResult, *, owner: str, conf: OutboxSettings, owned: bool = False) -> tuple[int, int]:
+    """Write the outcome of a batch; returns (failed, dead).
+
+    ``owned=False``: ``owner`` is the rows' lease owner, and every write checks it.
+    ``owned=True`` (partitions): ``owner`` is the relay's session token, and every write
+    checks that this database session is still the one holding the partitions.
+    """
+    postgres = _postgres()
     now = timezone.now()
-    with transaction.atomic(), connection.cursor() as cur:
-        if result.published:
-            if postgres:
-                cur.execute(
-                    f"""
-                    UPDATE {TABLE} AS o SET status = 'published', published_at = %s, stream = v.stream,
-                        stream_sequence = v.sseq, lease_until = NULL, lease_owner = '',
-                        attempts = o.attempts + 1, last_error = ''
-                    FROM (SELECT unnest(%s::uuid[]) AS id, unnest(%s::bigint[]) AS sseq,
-                                 unnest(%s::text[]) AS stream) AS v
-                    WHERE o.id = v.id AND o.lease_owner = %s
-                    """,  # noqa: S608
-                    [
-                        now,
-                        [r.id for r, _, _ in result.published],
-                        [s for _, _, s in result.published],
-                        [st for _, st, _ in result.published],
-                        owner,
-                    ],
-                )
-            else:
-                cur.executemany(
-                    f"""
-                    UPDATE {TABLE} SET status = 'published', published_at = %s, stream = %s,
-                        stream_sequence = %s, lease_until = NULL, lease_owner = '',
-                        attempts = attempts + 1, last_error = ''
-                    WHERE id = %s AND lease_owner = %s
-                    """,  # noqa: S608
-                    [(_dt(now), st, s, _pk(r.id), owner) for r, st, s in result.published],
-                )
-        for row, error, permanent in result.failed:
-            attempt = row.attempts + 1
-            is_dead = permanent or attempt >= conf.MAX_ATTEMPTS
-            dead += int(is_dead)
+    failures = []
+    dead = 0
+    for row, error, permanent in result.failed:
+        attempt = row.attempts + 1
+        is_dead = permanent or attempt >= conf.MAX_ATTEMPTS
+        dead += int(is_dead)
+        failures.append((row, "dead" if is_dead else "pending", error[:2000], now + _backoff(attempt, conf)))
+        log = logger.error if is_dead else logger.warning
+        log(
+            "outbox.%s event_id=%s subject=%s aggregate=%s:%s attempt=%d error=%s",
+            "dead" if is_dead else "retry",
+            row.id,
+            row.subject,
+            row.aggregate_type,
+            row.aggregate_id,
+            attempt,
+            error,
+        )
+    release = [] if owned else result.skipped
+    statements = bool(result.published) + bool(failures) + bool(release)
+    if not statements:
+        return 0, 0
+    fence = (
+        "o.status = 'pending' AND current_setting('outbox.relay_token', true) = %(owner)s"
+        if owned
+        else "o.lease_owner = %(owner)s"
+    )
+    with transaction.atomic() if statements > 1 else nullcontext(), _cursor() as cur:
+        if result.published and postgres:
+            streams = {st for _, st, _ in result.published}
             cur.execute(
+                f"""
+                UPDATE {TABLE} AS o SET status = 'published', published_at = %(now)s, stream = v.stream,
+                    stream_sequence = v.sseq, lease_until = NULL, lease_owner = '',
+                    attempts = o.attempts + 1, last_error = ''
+                FROM {_ASYNC_COMMIT},
+                     (SELECT unnest(string_to_array(%(ids)s, ',')::uuid[]) AS id,
+                             unnest(string_to_array(%(sseqs)s, ',')::bigint[]) AS sseq,
+                             {"%(stream)s::text" if len(streams) == 1 else "unnest(string_to_array(%(streams)s, ' '))"}
+                             AS stream) AS v
+                WHERE o.id = v.id AND {fence}
+                """,  # noqa: S608
+                {
+                    "now": now,
+                    "ids": ",".join([r.id for r, _, _ in result.published]),
+                    "sseqs": ",".join([str(s) for _, _, s in result.published]),
+                    "stream": next(iter(streams)),
+                    "streams": " ".join([st for _, st, _ in result.published]),
+                    "owner": owner,
+                },
+            )
+            if cur.rowcount != len(result.published):
+                logger.warning(
+                    "outbox.fenced marked=%d of %d published: the rows were taken over by another relay",
+                    cur.rowcount,
+                    len(result.published),
+                )
+        elif result.published:
+            cur.executemany(
+                f"""
+                UPDATE {TABLE} SET status = 'published', published_at = %s, stream = %s,
+                    stream_sequence = %s, lease_until = NULL, lease_owner = '',
+                    attempts = attempts + 1, last_error = ''
+                WHERE id = %s AND lease_owner = %s
+                """,  # noqa: S608
+                [(_dt(now), st, s, _pk(r.id), owner) for r, st, s in result.published],
+            )
+        if failures and postgres:
+            cur.execute(
+                f"""
+                UPDATE {TABLE} AS o SET status = v.status, attempts = o.attempts + 1, last_error = v.error,
+                    next_attempt_at = v.next_at, lease_until = NULL, lease_owner = ''
+                FROM {_ASYNC_COMMIT}, (SELECT unnest(%(ids)s::uuid[]) AS id, unnest(%(statuses)s::text[]) AS status,
+                             unnest(%(errors)s::text[]) AS error, unnest(%(next)s::timestamptz[]) AS next_at) AS v
+                WHERE o.id = v.id AND {fence}
+                """,  # noqa: S608
+                {
+                    "ids": [f[0].id for f in failures],
+                    "statuses": [f[1] for f in failures],
+                    "errors": [f[2] for f in failures],
+                    "next": [f[3] for f in failures],
+                    "owner": owner,
+                },
+            )
+        elif failures:
+            cur.executemany(
                 f"""
                 UPDATE {TABLE} SET status = %s, attempts = attempts + 1, last_error = %s,
                     next_attempt_at = %s, lease_until = NULL, lease_owner = ''
                 WHERE id = %s AND lease_owner = %s
                 """,  # noqa: S608
-                [
-                    "dead" if is_dead else "pending",
-                    error[:2000],
-                    _dt(now + timedelta(seconds=backoff_seconds(attempt, conf))),
-                    _pk(row.id),
-                    owner,
-                ],
+                [(f[1], f[2], _dt(f[3]), _pk(f[0].id), owner) for f in failures],
             )
-            log = logger.error if is_dead else logger.warning
-            log(
-                "outbox.%s event_id=%s subject=%s aggregate=%s:%s attempt=%d error=%s",
-                "dead" if is_dead else "retry",
-                row.id,
-                row.subject,
-                row.aggregate_type,
-                row.aggregate_id,
-                attempt,
-                error,
-            )
-        if result.skipped:
-            ids = [_pk(r.id) for r in result.skipped]
+        if release:
+            keys = [_pk(r.id) for r in release]
             cur.execute(
                 f"UPDATE {TABLE} SET lease_until = NULL, lease_owner = '' "  # noqa: S608
-                f"WHERE lease_owner = %s AND id IN ({_placeholders(len(ids))})",
-                [owner, *ids],
+                f"WHERE lease_owner = %s AND id IN ({_placeholders(len(keys))})",
+                [owner, *keys],
             )
     return len(result.failed), dead
 
 
+#: Marks and leases commit without waiting for the WAL flush (``synchronous_commit = off`` for
+#: that transaction only). A mark lost in a database crash (the last ~0.6 s of them) leaves its
+#: rows pending: they are published again and JetStream's dedup window absorbs the copies,
+#: exactly as after a relay crash between publish and mark. Not waiting for the disk halves
+#: the mark's latency on this machine.
+_ASYNC_COMMIT = "(SELECT set_config('synchronous_commit', 'off', true)) AS async_commit"
+
+
+def _backoff(attempt: int, conf: OutboxSettings) -> timedelta:
+    return timedelta(seconds=backoff_seconds(attempt, conf))
+
+
 # --- the loop -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Batch:
+    owner: str
+    owned: bool
+    rows: list[ClaimedRow]
+    future: concurrent.futures.Future | None
+    error: Exception | None
+    timeout: float
+    started_at: float
+    seqs: str = ""  # the rows' seqs, comma-separated: what the next claims must leave alone
 
 
 class Relay:
@@ -414,8 +841,14 @@ class Relay:
 
     def __init__(self, *, broker: Broker | None = None, conf: OutboxSettings | None = None) -> None:
         self.conf = conf or outbox_settings()
+        if self.conf.OWNERSHIP not in {"partitions", "leases"}:
+            raise ConfigurationError(
+                f"OUTBOX['OWNERSHIP'] is {self.conf.OWNERSHIP!r}; use 'partitions' (the default) or 'leases'."
+            )
         self.broker = broker or get_broker()
         self._streams_ready = False
+        self._partitions = _Partitions(self.conf)
+        self._subjects = _Subjects()
 
     def ensure_streams(self) -> None:
         reports = self.broker.call(lambda js: ensure_streams(js), timeout=15)
@@ -424,56 +857,107 @@ class Relay:
                 logger.info("outbox.stream name=%s action=%s drift=%s", report.name, report.action, report.drift)
         self._streams_ready = True
 
-    # A batch is claim -> start publishing -> collect the PubAcks -> mark. run_batch() does the
-    # four in sequence; drain() overlaps them: batch N+1 is claimed while N is on the wire, and
-    # N is marked while N+1 is. That is safe because a claimed batch holds its aggregates (their
-    # heads are leased), so the next claim can only take other aggregates.
+    def _owned(self) -> bool:
+        return self.conf.OWNERSHIP == "partitions" and _postgres()
 
-    def _claim(self, *, exhaustive: bool = True) -> tuple[str, list[ClaimedRow]]:
+    # A batch is claim -> start publishing -> collect the PubAcks -> mark. run_batch() does the
+    # four in sequence; drain() keeps PIPELINE_DEPTH batches in flight. That is safe because a
+    # claim never takes a row of an aggregate that has a row in one of our batches in flight.
+
+    def _claim(self, inflight: deque[_Batch], *, exhaustive: bool) -> _Batch | None:
+        """Claim a batch on this thread's connection and start publishing it."""
+        if self._owned():
+            job = self._owned_job(inflight, exhaustive=exhaustive)
+            if job is None:
+                return None
+            with _cursor() as cur:
+                rows = job(cur)
+            return self._started(self._partitions.token, True, rows)
         owner = uuid.uuid4().hex
         rows = claim_batch(
             limit=self.conf.BATCH_SIZE, lease_seconds=self.conf.LEASE_SECONDS, owner=owner, exhaustive=exhaustive
         )
-        if rows and _FAULT == "crash-after-claim":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return owner, rows
+        return self._started(owner, False, rows)
 
-    def _start(self, rows: list[ClaimedRow]) -> tuple[concurrent.futures.Future | None, Exception | None, float]:
-        timeout = self.conf.PUBLISH_TIMEOUT * (len(_rounds(rows)) + 1) + 5
+    def _owned_job(self, inflight: deque[_Batch], *, exhaustive: bool) -> Callable[[Any], list[ClaimedRow]] | None:
+        """A claim of our partitions, runnable on any session: it reads, and only the session that
+        holds the partitions marks. Partitions are rebalanced here, never while a claim runs."""
+        parts = self._partitions
+        if time.monotonic() >= parts.next_check:
+            with _cursor() as cur:
+                parts.rebalance(cur, busy={r.partition for b in inflight for r in b.rows})
+        if not parts.owned:
+            return None
+        limit = self.conf.BATCH_SIZE
+        partitions = None if len(parts.owned) == PARTITIONS else sorted(parts.owned)
+        seqs = ",".join([b.seqs for b in inflight if b.seqs])
+        window = sum(len(b.rows) for b in inflight) + int(limit * WINDOW_FACTOR)
+
+        def job(cur: Any) -> list[ClaimedRow]:
+            rows = _claim_owned(cur, limit=limit, window=window, inflight=seqs, partitions=partitions)
+            if not rows and exhaustive:
+                rows = _claim_owned(cur, limit=limit, window=None, inflight=seqs, partitions=partitions)
+            return rows
+
+        return job
+
+    def _started(self, owner: str, owned: bool, rows: list[ClaimedRow]) -> _Batch | None:
+        if not rows:
+            return None
+        if _FAULT == "crash-after-claim":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self._start(owner, owned, rows)
+
+    def _start(self, owner: str, owned: bool, rows: list[ClaimedRow]) -> _Batch:
+        started_at = time.perf_counter()
+        longest = max(map(len, _chains(rows).values()))
+        timeout = self.conf.PUBLISH_TIMEOUT * (longest + 1) + 5
         try:
             if not self._streams_ready:
                 self.ensure_streams()
-            future = self.broker.submit(lambda js: publish_rows(js, rows, timeout=self.conf.PUBLISH_TIMEOUT))
-        except (PublishError, OutboxError, OSError) as exc:
-            return None, exc, timeout
-        return future, None, timeout
+            subjects, conf = self._subjects, self.conf
 
-    def _collect(self, rows: list[ClaimedRow], started: tuple) -> PublishResult:
-        future, error, timeout = started
-        if future is not None:
+            async def publish(nc: NATS) -> PublishResult:
+                publisher = await JetStreamPublisher.for_client(nc, wire=conf.WIRE_PUBLISH)
+                return await publish_rows(publisher, rows, timeout=conf.PUBLISH_TIMEOUT, subjects=subjects)
+
+            future = self.broker.submit_client(publish)
+        except (PublishError, OutboxError, OSError) as exc:
+            future, error = None, exc
+        else:
+            error = None
+        seqs = ",".join([str(r.seq) for r in rows]) if owned else ""
+        return _Batch(owner, owned, rows, future, error, timeout, started_at, seqs)
+
+    def _collect(self, batch: _Batch) -> PublishResult:
+        error = batch.error
+        if batch.future is not None:
             try:
-                return self.broker.result(future, timeout=timeout)
+                return self.broker.result(batch.future, timeout=batch.timeout)
             except (PublishError, OutboxError, OSError) as exc:
                 error = exc
+            except Exception as exc:  # noqa: BLE001 - nats-py raises assorted types when it cannot connect
+                logger.warning("outbox.publish_failed error=%r", exc, exc_info=True)
+                error = exc
         # NATS unreachable: the head of each aggregate carries the failure and backs off.
-        heads = _first_per_aggregate(rows)
+        heads = [chain[0] for chain in _chains(batch.rows).values()]
         head_ids = {r.id for r in heads}
         return PublishResult(
-            failed=[(r, str(error), False) for r in heads],
-            skipped=[r for r in rows if r.id not in head_ids],
+            failed=[(r, str(error) or type(error).__name__, False) for r in heads],
+            skipped=[r for r in batch.rows if r.id not in head_ids],
         )
 
-    def _mark(self, owner: str, rows: list[ClaimedRow], result: PublishResult, started_at: float) -> BatchReport:
+    def _mark(self, batch: _Batch, result: PublishResult) -> BatchReport:
         if _FAULT == "crash-after-publish" and result.published:
             os.kill(os.getpid(), signal.SIGKILL)
-        failed, dead = mark_results(result, owner=owner, conf=self.conf)
+        failed, dead = mark_results(result, owner=batch.owner, conf=self.conf, owned=batch.owned)
         report = BatchReport(
-            claimed=len(rows),
+            claimed=len(batch.rows),
             published=len(result.published),
             failed=failed,
             dead=dead,
             skipped=len(result.skipped),
-            duration_ms=(time.perf_counter() - started_at) * 1000,
+            duration_ms=(time.perf_counter() - batch.started_at) * 1000,
         )
         metrics.PUBLISHED.inc(report.published)
         if failed:
@@ -491,53 +975,153 @@ class Relay:
         )
         return report
 
+    def _join(self) -> None:
+        if self._owned() and not self._partitions.joined:
+            with _cursor() as cur:
+                self._partitions.join(cur)
+
+    def _leave(self) -> None:
+        if not self._partitions.joined:
+            return
+        try:
+            with _cursor() as cur:
+                self._partitions.leave(cur)
+        except Exception:  # noqa: BLE001 - a broken session released its locks when it ended
+            logger.debug("outbox.leave_failed", exc_info=True)
+            self._partitions.owned, self._partitions.token = set(), ""
+
     def run_batch(self) -> BatchReport:
         """Claim, publish and mark one batch."""
-        started_at = time.perf_counter()
-        owner, rows = self._claim()
-        if not rows:
-            return BatchReport()
-        result = self._collect(rows, self._start(rows))
-        return self._mark(owner, rows, result, started_at)
+        self._join()
+        try:
+            batch = self._claim(deque(), exhaustive=True)
+            if batch is None and self._owned():
+                with _cursor() as cur:  # alone, or the others hold the partitions with work: try them all
+                    self._partitions.rebalance(cur, busy=set(), greedy=True)
+                batch = self._claim(deque(), exhaustive=True)
+            if batch is None:
+                return BatchReport()
+            return self._mark(batch, self._collect(batch))
+        finally:
+            self._leave()
 
-    def drain(self, *, time_budget: float | None = None, on_batch: Any = None) -> BatchReport:
-        """Run pipelined batches until nothing is claimable, NATS fails, or the budget is spent."""
+    def drain(
+        self,
+        *,
+        time_budget: float | None = None,
+        on_batch: Any = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> BatchReport:
+        """Run pipelined batches until nothing is claimable, NATS fails, the budget is spent or ``stop()``.
+
+        Up to ``PIPELINE_DEPTH`` batches are on the wire. With partitions (PostgreSQL), once a
+        batch is in flight the next claims run on a second database session, in a second thread,
+        while this thread marks the previous batch on the session that holds the partitions.
+        """
         total = BatchReport()
         deadline = time.monotonic() + time_budget if time_budget else None
-        inflight: tuple | None = None  # (owner, rows, started, started_at)
+        depth = max(1, self.conf.PIPELINE_DEPTH)
+        inflight: deque[_Batch] = deque()
+        claimer: _Claimer | None = None
+        claiming: concurrent.futures.Future | None = None
         stopping = False
-        pipeline = True
-        while True:
-            if inflight is not None:
-                early: tuple[str, list[ClaimedRow]] = ("", [])
-                if pipeline and not stopping:
-                    early = self._claim(exhaustive=False)
-                    # Empty: our own batch holds the front of the queue; claim after marking instead.
-                    pipeline = bool(early[1])
-                early_at = time.perf_counter()
-                result = self._collect(inflight[1], inflight[2])
-                broken = not result.published and bool(result.failed)
-                following = None
-                if early[1]:
-                    if broken:  # NATS just failed: hand the freshly claimed rows back untouched.
-                        mark_results(PublishResult(skipped=early[1]), owner=early[0], conf=self.conf)
+        blocked = False  # the last claim found nothing: claim again only after a batch is marked
+        self._join()
+        try:
+            while True:
+                if claiming is None and not stopping and len(inflight) < depth and not (blocked and inflight):
+                    job = self._owned_job(inflight, exhaustive=False) if inflight and self._owned() else None
+                    if job is not None:
+                        claimer = claimer or _Claimer()
+                        claiming = claimer.submit(job)
+                    elif inflight and self._owned():
+                        blocked = True  # no partitions right now
                     else:
-                        following = (early[0], early[1], self._start(early[1]), early_at)
-                report = self._mark(inflight[0], inflight[1], result, inflight[3])
+                        batch = self._claim(inflight, exhaustive=not inflight)
+                        if batch is None and not inflight and self._owned():
+                            # Nothing in our partitions: take every free one (relays that left), look again.
+                            with _cursor() as cur:
+                                self._partitions.rebalance(cur, busy=set(), greedy=True)
+                            batch = self._claim(inflight, exhaustive=True)
+                        blocked = batch is None
+                        if batch is not None:
+                            inflight.append(batch)
+                            continue
+                if claiming is not None:
+                    oldest = inflight[0].future if inflight else None
+                    concurrent.futures.wait(
+                        [claiming] if oldest is None else [claiming, oldest],
+                        return_when=concurrent.futures.FIRST_COMPLETED,
+                    )
+                    if claiming.done():
+                        rows, claiming = claiming.result(), None
+                        batch = self._started(self._partitions.token, True, rows)
+                        blocked = batch is None
+                        if batch is not None:
+                            inflight.append(batch)
+                        continue
+                if not inflight:
+                    return total
+                batch = inflight.popleft()
+                result = self._collect(batch)
+                report = self._mark(batch, result)
                 _accumulate(total, report)
                 if on_batch is not None:
                     on_batch(report)
-                stopping = stopping or broken or (deadline is not None and time.monotonic() > deadline)
-                inflight = following
-                if inflight is not None:
-                    continue
-            if stopping:
-                return total
-            owner, rows = self._claim()
-            if not rows:
-                return total
-            inflight = (owner, rows, self._start(rows), time.perf_counter())
-            pipeline = True
+                blocked = False
+                broken = not result.published and bool(result.failed)
+                out_of_time = deadline is not None and time.monotonic() > deadline
+                stopping = stopping or broken or out_of_time or (stop is not None and stop())
+        finally:
+            if claiming is not None:
+                concurrent.futures.wait([claiming])
+            if claimer is not None:
+                claimer.close()
+            for batch in inflight:  # only on an exception: stop publishing what will not be marked
+                if batch.future is not None:
+                    batch.future.cancel()
+            self._leave()
+
+    def held_elsewhere(self) -> bool:
+        """Is another relay working on rows this one could not claim (so waiting may help)?"""
+        if self._owned():
+            with _cursor() as cur:
+                return self._partitions.others(cur) > 0
+        return OutboxEvent.objects.filter(status="pending", lease_until__gt=timezone.now()).exists()
+
+
+class _Claimer:
+    """A second database session, with its own thread, for the claims of a pipelined drain.
+
+    It only reads (the claim writes nothing with partitions), so it needs no locks of its own;
+    the partitions, and with them the right to mark, stay with the relay's own session.
+    """
+
+    def __init__(self) -> None:
+        import psycopg
+
+        self._conn = psycopg.connect(**connection.get_connection_params(), autocommit=True)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outbox-claim")
+
+    def submit(self, job: Callable[[Any], list[ClaimedRow]]) -> concurrent.futures.Future[list[ClaimedRow]]:
+        import psycopg
+
+        def run() -> list[ClaimedRow]:
+            with psycopg.Cursor(self._conn) as cur:
+                return job(cur)
+
+        return self._pool.submit(run)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._conn.close()
+
+
+def _chains(rows: list[ClaimedRow]) -> dict[tuple[str, str], list[ClaimedRow]]:
+    chains: dict[tuple[str, str], list[ClaimedRow]] = {}
+    for row in rows:
+        chains.setdefault((row.aggregate_type, row.aggregate_id), []).append(row)
+    return chains
 
 
 def _accumulate(total: BatchReport, report: BatchReport) -> None:
@@ -546,14 +1130,3 @@ def _accumulate(total: BatchReport, report: BatchReport) -> None:
     total.failed += report.failed
     total.dead += report.dead
     total.skipped += report.skipped
-
-
-def _first_per_aggregate(rows: list[ClaimedRow]) -> list[ClaimedRow]:
-    seen: set[tuple[str, str]] = set()
-    first = []
-    for row in rows:
-        key = (row.aggregate_type, row.aggregate_id)
-        if key not in seen:
-            seen.add(key)
-            first.append(row)
-    return first

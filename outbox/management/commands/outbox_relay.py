@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import signal
 import time
 
@@ -9,7 +10,6 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from outbox.errors import OutboxError
-from outbox.models import OutboxEvent
 from outbox.relay import BatchReport, Relay
 from outbox.selectors import outbox_backlog
 
@@ -40,20 +40,23 @@ class Command(BaseCommand):
                     disable=options["quiet"],
                 ) as progress:
                     task = progress.add_task("drain", total=backlog)
-                    while not stop["now"]:
-                        report = relay.run_batch()
-                        _add(totals, report)
+
+                    def advance(report: BatchReport) -> None:
                         progress.advance(task, report.published + report.dead)
+
+                    while not stop["now"]:
+                        report = relay.drain(on_batch=advance, stop=lambda: stop["now"])
+                        _add(totals, report)
                         if report.published == 0 and report.failed:
+                            break  # NATS refuses everything: say so below instead of spinning
+                        if stop["now"] or not relay.held_elsewhere():
                             break
-                        if report.claimed == 0:
-                            # Rows leased by another (or a crashed) relay: wait for them to land or to expire.
-                            if not OutboxEvent.objects.filter(status="pending", lease_until__isnull=False).exists():
-                                break
-                            time.sleep(options["idle"])
+                        # Another relay holds rows (its partitions, or leases of a crashed relay): wait
+                        # for them to land, for the partitions to be shared out, or for leases to expire.
+                        time.sleep(options["idle"] * (0.5 + random.random()))  # noqa: S311 - jitter
             else:
                 while not stop["now"]:
-                    report = relay.run_batch()
+                    report = relay.drain(stop=lambda: stop["now"])
                     _add(totals, report)
                     if report.claimed == 0 or (report.published == 0 and report.failed):
                         time.sleep(options["idle"])
