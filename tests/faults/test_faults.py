@@ -38,30 +38,42 @@ def finish(stack: Stack, load, **verify) -> None:
     print(f"kills: {stack.kills}")
 
 
-def test_relay_worker_sigkilled_repeatedly_loses_nothing_and_publishes_each_event_once(stack):
+def under_load(stack, *, seed: int, updates: int = 400, rate: float = 80):
+    """One relay, one listener and the load generator running; returns (stack, rng, load)."""
     s = stack()
     s.start_relay()
     s.start_listener()
-    rng = random.Random(11)
-    load = s.load(tickets=20, updates=scaled(400, 4000), rate=scaled(80, 150))
-    for _ in range(scaled(4, 30)):
-        if not after_progress(published, rng, 10, 80):
+    load = s.load(tickets=20, updates=scaled(updates, updates * 10), rate=scaled(rate, rate * 2))
+    return s, random.Random(seed), load
+
+
+def repeatedly(fault, *, counter, rng: random.Random, times: int, low: int, high: int) -> int:
+    """Inject ``fault(n)`` after random amounts of progress, until the load is absorbed."""
+    done = 0
+    for n in range(scaled(times, times * 8)):
+        if not after_progress(counter, rng, low, high):
             break
+        fault(n)
+        done += 1
+    return done
+
+
+def test_relay_worker_sigkilled_repeatedly_loses_nothing_and_publishes_each_event_once(stack):
+    s, rng, load = under_load(stack, seed=11)
+
+    def kill_relay(_: int) -> None:
         s.sigkill(s.relays, 0)
         s.start_relay(0)
+
+    repeatedly(kill_relay, counter=published, rng=rng, times=4, low=10, high=80)
     finish(s, load)
     assert s.kills >= 1
 
 
 def test_listener_sigkilled_repeatedly_including_between_commit_and_ack_applies_each_event_once(stack):
-    s = stack()
-    s.start_relay()
-    s.start_listener()
-    rng = random.Random(12)
-    load = s.load(tickets=20, updates=scaled(400, 4000), rate=scaled(80, 150))
-    for n in range(scaled(4, 30)):
-        if not after_progress(applied, rng, 10, 80):
-            break
+    s, rng, load = under_load(stack, seed=12)
+
+    def kill_listener(n: int) -> None:
         s.sigkill(s.listeners, 0)
         # Every other restart dies right after its first commit, before acking it.
         crash = {"LISTENERS_TEST_CRASH_AFTER_COMMIT": "1"} if n % 2 == 0 else {}
@@ -70,30 +82,25 @@ def test_listener_sigkilled_repeatedly_including_between_commit_and_ack_applies_
             wait_for(lambda: s.listeners[0].poll() is not None, timeout=120, what="the crash-after-commit hook")
             s.kills += 1
             s.start_listener(0)
+
+    repeatedly(kill_listener, counter=applied, rng=rng, times=4, low=10, high=80)
     finish(s, load)
 
 
 def test_nats_server_sigkilled_and_restarted_on_the_same_store_during_load(stack):
-    s = stack()
-    s.start_relay()
-    s.start_listener()
-    rng = random.Random(13)
-    load = s.load(tickets=20, updates=scaled(400, 4000), rate=scaled(80, 150))
-    for _ in range(scaled(2, 10)):
-        if not after_progress(published, rng, 20, 100):
-            break
+    s, rng, load = under_load(stack, seed=13)
+
+    def kill_nats(_: int) -> None:
         s.nats.kill()
         s.kills += 1
         s.nats.start()
+
+    repeatedly(kill_nats, counter=published, rng=rng, times=2, low=20, high=100)
     finish(s, load)
 
 
 def test_redis_stopped_during_writes_the_writes_succeed_and_the_sweep_catches_up(stack):
-    s = stack()
-    s.start_relay()
-    s.start_listener()
-    load = s.load(tickets=20, updates=scaled(300, 3000), rate=scaled(80, 150))
-    rng = random.Random(14)
+    s, rng, load = under_load(stack, seed=14, updates=300)
     assert after_progress(published, rng, 20, 50)
     s.redis.stop()
     s.kills += 1
@@ -112,19 +119,14 @@ def test_redis_stopped_during_writes_the_writes_succeed_and_the_sweep_catches_up
 
 
 def test_postgres_connections_terminated_under_the_relay_and_the_listener(stack):
-    s = stack()
-    s.start_relay()
-    s.start_listener()
-    rng = random.Random(15)
-    load = s.load(tickets=20, updates=scaled(400, 4000), rate=scaled(80, 150))
-    terminated = 0
-    for _ in range(scaled(6, 40)):
-        if not after_progress(applied, rng, 10, 60):
-            break
-        terminated += s.terminate_db_connections()
-    s.kills += terminated
+    s, rng, load = under_load(stack, seed=15)
+    terminated = []
+    repeatedly(
+        lambda _: terminated.append(s.terminate_db_connections()), counter=applied, rng=rng, times=6, low=10, high=60
+    )
+    s.kills += sum(terminated)
     finish(s, load)
-    assert terminated >= 1
+    assert sum(terminated) >= 1
 
 
 def test_several_relays_and_several_listeners_at_once_apply_each_event_once_in_order(stack):
