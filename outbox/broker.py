@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib.util
 import logging
 import os
 import ssl
@@ -19,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
@@ -51,6 +53,9 @@ def connect_options(conf: NatsSettings | None = None, *, name: str = "") -> dict
     if conf.TOKEN:
         opts["token"] = conf.TOKEN
     if conf.CREDENTIALS_FILE:
+        if importlib.util.find_spec("nkeys") is None:
+            # nats-py imports nkeys only when it signs the server's nonce; say so before connecting.
+            raise ConfigurationError("NATS_CREDS is set but the nkeys package is not installed; install nats-py[nkeys]")
         opts["user_credentials"] = conf.CREDENTIALS_FILE
     if conf.TLS_CA_FILE or conf.TLS_CERT_FILE:
         context = ssl.create_default_context(cafile=conf.TLS_CA_FILE or None)
@@ -61,25 +66,86 @@ def connect_options(conf: NatsSettings | None = None, *, name: str = "") -> dict
 
 
 async def connect(*, name: str = "", conf: NatsSettings | None = None, **overrides: Any) -> NATS:
-    """Open a NATS connection; raises PublishError with the servers tried when none answers."""
+    """Open a NATS connection; raises PublishError naming the servers and why none accepted us.
+
+    nats-py reports a refused first connection as "no servers available"; the reason
+    (authorization violation, certificate not trusted, connection refused) only reaches
+    the error callback, so the callback's errors of the first attempt go into the message.
+    The first attempt is bounded: after a failed TLS handshake nats-py 2.16 waits forever
+    for the broken socket to close, so a TLS error ends the attempt at once.
+    """
     opts = connect_options(conf, name=name)
     opts.update(overrides)
 
     async def _quiet(exc: Exception) -> None:
         logger.warning("nats: %s", exc)
 
-    opts.setdefault("error_cb", _quiet)
+    report = opts.get("error_cb") or _quiet
+    seen: list[BaseException] = []
+    fatal = asyncio.Event()
+    connecting = True
+
+    async def _error_cb(exc: Exception) -> None:
+        if connecting:
+            seen.append(exc)
+            if isinstance(exc, ssl.SSLError):
+                fatal.set()
+        await report(exc)
+
+    opts["error_cb"] = _error_cb
     reconnects = opts["max_reconnect_attempts"]
     # The first connection is not retried forever: an operator must hear that NATS is unreachable.
     # Each server gets two tries; once connected, reconnection is as configured (forever by default).
     opts["max_reconnect_attempts"] = 1
+    servers = ", ".join(opts["servers"])
+    bound = 2 * len(opts["servers"]) * (opts["connect_timeout"] + opts["reconnect_time_wait"]) + opts["connect_timeout"]
+    attempt = asyncio.ensure_future(nats.connect(**opts))
+    gave_up = asyncio.ensure_future(fatal.wait())
     try:
-        nc = await nats.connect(**opts)
+        await asyncio.wait({attempt, gave_up}, timeout=bound, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled by our caller: nobody will collect the attempt
+        _abandon(attempt)
+        raise
+    finally:
+        gave_up.cancel()
+        connecting = False
+    if not attempt.done():
+        _abandon(attempt)
+        why = seen[-1] if seen else TimeoutError(f"no answer within {bound:.0f}s")
+        raise PublishError(f"cannot connect to NATS at {servers}: {_refusal(why, seen)}")
+    try:
+        nc = attempt.result()
     except Exception as exc:  # noqa: BLE001 - nats-py raises several unrelated types here
-        servers = ", ".join(opts["servers"])
-        raise PublishError(f"cannot connect to NATS at {servers}: {exc or type(exc).__name__}") from exc
+        raise PublishError(f"cannot connect to NATS at {servers}: {_refusal(exc, seen)}") from exc
     nc.options["max_reconnect_attempts"] = reconnects
     return nc
+
+
+def _abandon(attempt: asyncio.Future[NATS]) -> None:
+    """Cancel a first connection nobody waits for; close it if it got through, retrieve its error."""
+
+    def settle(task: asyncio.Future[NATS]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            asyncio.ensure_future(task.result().close())
+
+    if attempt.done():
+        settle(attempt)
+    else:
+        attempt.add_done_callback(settle)
+        attempt.cancel()
+
+
+def _refusal(exc: BaseException, seen: list[BaseException]) -> str:
+    """One line on why the first connection failed: credentials and TLS before "no servers"."""
+    errors = [e for e in [*seen, exc] if not isinstance(e, nats.errors.NoServersError)]
+    auth = [e for e in errors if isinstance(e, nats.errors.AuthorizationError) or "authorization" in str(e).lower()]
+    tls = [e for e in errors if isinstance(e, ssl.SSLError) or "tls" in str(e).lower()]
+    if auth:
+        return f"{auth[-1]} (check NATS_USER/NATS_PASSWORD, NATS_TOKEN or NATS_CREDS)"
+    if tls:
+        return f"{' '.join(str(tls[-1]).split())} (check NATS_TLS_CA, NATS_TLS_CERT/NATS_TLS_KEY and the URL's scheme)"
+    chosen = errors[-1] if errors else exc
+    return " ".join(str(chosen).split()) or type(chosen).__name__
 
 
 class Broker:

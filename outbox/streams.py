@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from outbox.conf import OutboxSettings, outbox_settings
 from outbox.contracts import registry
+from outbox.errors import PublishError
 
 
 def nats_subject(event_name: str, conf: OutboxSettings | None = None) -> str:
@@ -73,31 +75,50 @@ async def ensure_streams(js: JetStreamContext, *, apply: bool = True) -> list[St
 
     Storage and retention cannot be changed on an existing stream; such drift is
     reported and left for an operator (the stream would have to be recreated).
+
+    JetStream failures are raised as :class:`PublishError` naming the stream: in a
+    cluster without a meta leader (no quorum, an election under way) the API answers
+    503 "temporarily unavailable" or not at all, and callers — the relay records it on
+    the rows it could not publish — must see an outbox error, not a raw nats-py one.
     """
     reports = []
     for desired in desired_configs():
         try:
-            info = await js.stream_info(desired.name)
-        except NotFoundError:
-            if apply:
-                await js.add_stream(desired)
-            reports.append(StreamReport(desired.name, "created" if apply else "missing"))
-            continue
-        current = info.config
-        drift = _drift(current, desired)
-        if not drift:
-            reports.append(StreamReport(desired.name, "unchanged"))
-            continue
-        fixable = {k: v for k, v in drift.items() if k not in {"storage", "retention"}}
-        if apply and fixable:
-            merged = current.evolve(
-                subjects=desired.subjects,
-                duplicate_window=desired.duplicate_window,
-                num_replicas=desired.num_replicas,
-                discard=desired.discard,
-                description=desired.description,
-            )
-            await js.update_stream(merged)
-        action = "updated" if apply and fixable else "drift"
-        reports.append(StreamReport(desired.name, action, drift))
+            reports.append(await _ensure_stream(js, desired, apply=apply))
+        except (APIError, nats.errors.Error, TimeoutError) as exc:
+            raise PublishError(f"cannot set up stream {desired.name}: {_jetstream_failure(exc)}") from exc
     return reports
+
+
+async def _ensure_stream(js: JetStreamContext, desired: StreamConfig, *, apply: bool) -> StreamReport:
+    try:
+        info = await js.stream_info(desired.name)
+    except NotFoundError:
+        if apply:
+            await js.add_stream(desired)
+        return StreamReport(desired.name, "created" if apply else "missing")
+    current = info.config
+    drift = _drift(current, desired)
+    if not drift:
+        return StreamReport(desired.name, "unchanged")
+    fixable = {k: v for k, v in drift.items() if k not in {"storage", "retention"}}
+    if apply and fixable:
+        merged = current.evolve(
+            subjects=desired.subjects,
+            duplicate_window=desired.duplicate_window,
+            num_replicas=desired.num_replicas,
+            discard=desired.discard,
+            description=desired.description,
+        )
+        await js.update_stream(merged)
+    action = "updated" if apply and fixable else "drift"
+    return StreamReport(desired.name, action, drift)
+
+
+def _jetstream_failure(exc: BaseException) -> str:
+    if isinstance(exc, APIError) and exc.description:
+        hint = " (no JetStream meta leader: is a majority of the cluster up?)" if exc.err_code == 10008 else ""
+        return f"{exc.description} (code {exc.code}, err_code {exc.err_code}){hint}"
+    if isinstance(exc, TimeoutError):
+        return "JetStream did not answer in time (is it enabled, and is a majority of the cluster up?)"
+    return str(exc) or type(exc).__name__
