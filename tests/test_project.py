@@ -22,10 +22,11 @@ def test_docker_compose_has_every_service_the_readme_mentions_configured_by_the_
     assert mentioned, "the README's Docker section names the services"
     assert mentioned <= set(services), mentioned - set(services)
     assert "-js" in services["nats"]["command"] and services["nats"]["volumes"]
-    for name in ("web", "relay", "listener", "tickets-listener"):
+    for name in ("web", "relay", "beat", "listener", "tickets-listener"):
         env = services[name]["environment"]
         assert {"DATABASE_URL", "NATS_URL", "CELERY_BROKER_URL", "SECRET_KEY"} <= set(env), name
-    assert "--beat" in services["relay"]["command"]
+    assert "worker" in services["relay"]["command"] and "--beat" not in services["relay"]["command"]
+    assert services["beat"]["command"].startswith("celery -A ticketing beat")
     assert "listen ticket:created ticket:updated" in services["listener"]["command"]
 
 
