@@ -31,7 +31,7 @@ class OutboxSettings:
     BATCH_SIZE: int = 500
     #: Batches one relay keeps in flight: while one is on the wire, the next is claimed and the
     #: previous one marked. 1 = claim, publish, mark strictly in turn.
-    PIPELINE_DEPTH: int = 3
+    PIPELINE_DEPTH: int = 4
     #: How relays share the outbox on PostgreSQL (see docs/relay.md):
     #: "partitions" - each relay owns hash partitions of the aggregates through session-level
     #: advisory locks (released when its session ends) and claims with a read-only query;

@@ -39,9 +39,11 @@ import concurrent.futures
 import logging
 import math
 import os
+import queue
 import random
 import re
 import signal
+import threading
 import time
 import uuid
 import weakref
@@ -50,7 +52,8 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import msgspec
 from django.db import connection, transaction
@@ -69,6 +72,8 @@ from outbox.streams import ensure_streams, nats_subject
 
 logger = logging.getLogger("outbox.relay")
 
+T = TypeVar("T")
+
 #: Fault injection for the fault suite: "crash-after-publish" SIGKILLs the process after
 #: the PubAcks arrived and before the rows are marked; "crash-after-claim" after the claim.
 _FAULT = os.environ.get("OUTBOX_FAULT_INJECTION", "")
@@ -86,7 +91,7 @@ _CLAIM_KEY = 1001  # transaction lock serialising lease-mode claims
 
 #: The window of a claim: the oldest pending rows, this many times the batch size (plus the
 #: rows of our batches in flight, which sit at the front of the queue).
-WINDOW_FACTOR = 4
+WINDOW_FACTOR = 2
 
 
 @dataclass(slots=True)
@@ -230,28 +235,33 @@ class _Partitions:
         return bool(self.token)
 
     def join(self, cur: Any) -> None:
-        """Count ourselves among the relays and bind a fencing token to this session."""
-        self.token = uuid.uuid4().hex
+        """Count ourselves among the relays; the token names this session (pid and start time)."""
         # A client that vanishes without closing its socket (host down) must not keep its
         # partitions for hours: have the server probe the connection.
         idle = str(max(1, int(self.conf.LEASE_SECONDS / 3)))
         cur.execute(
-            "SELECT pg_advisory_lock_shared(%s, %s), set_config('outbox.relay_token', %s, false), "
+            "SELECT pg_advisory_lock_shared(%s, %s), "
             "set_config('tcp_keepalives_idle', %s, false), set_config('tcp_keepalives_interval', %s, false), "
-            "set_config('tcp_keepalives_count', '3', false)",
-            [LOCK_CLASS, _MEMBER_KEY, self.token, idle, idle],
+            "set_config('tcp_keepalives_count', '3', false), "
+            "(SELECT pid || '@' || backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())",
+            [LOCK_CLASS, _MEMBER_KEY, idle, idle],
         )
+        self.token = cur.fetchone()[4]
         self.rebalance(cur, busy=set())
 
     def rebalance(self, cur: Any, *, busy: set[int], greedy: bool = False) -> None:
         """Hold about PARTITIONS / relays partitions: give back extra ones not in flight, take free ones."""
+        # The server's word on how many relays there are and which partitions this session holds.
         cur.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid::bigint = %s "
-            "AND objid::bigint = %s AND objsubid = 2 "
+            "SELECT count(*) FILTER (WHERE objid::bigint = %s), "
+            "coalesce(array_agg(objid::int) FILTER (WHERE pid = pg_backend_pid() AND objid::bigint < %s), '{}') "
+            "FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid::bigint = %s AND objsubid = 2 "
             "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            [LOCK_CLASS, _MEMBER_KEY],
+            [_MEMBER_KEY, PARTITIONS, LOCK_CLASS],
         )
-        self.members = max(1, cur.fetchone()[0])
+        members, held = cur.fetchone()
+        self.members = max(1, members)
+        self.owned = set(held)
         share = PARTITIONS if greedy else math.ceil(PARTITIONS / self.members)
         if len(self.owned) > share:
             extra = sorted(self.owned - busy, reverse=True)[: len(self.owned) - share]
@@ -259,10 +269,11 @@ class _Partitions:
                 cur.execute("SELECT pg_advisory_unlock(%s, p) FROM unnest(%s::int[]) AS p", [LOCK_CLASS, extra])
                 self.owned.difference_update(extra)
         elif len(self.owned) < share:
-            # LIMIT stops the scan once enough locks were granted: exactly those are returned.
+            # Materialized, so that the lock function runs only for the rows LIMIT lets through
+            # (pushed into the scan, it would lock every free partition).
             cur.execute(
-                "SELECT s.p FROM (SELECT p FROM generate_series(0, %s) AS p WHERE p <> ALL(%s::int[]) "
-                "ORDER BY random()) AS s WHERE pg_try_advisory_lock(%s, s.p) LIMIT %s",
+                "WITH free AS MATERIALIZED (SELECT p FROM generate_series(0, %s) AS p WHERE p <> ALL(%s::int[]) "
+                "ORDER BY random()) SELECT free.p FROM free WHERE pg_try_advisory_lock(%s, free.p) LIMIT %s",
                 [PARTITIONS - 1, sorted(self.owned), LOCK_CLASS, share - len(self.owned)],
             )
             self.owned.update(r[0] for r in cur.fetchall())
@@ -274,10 +285,7 @@ class _Partitions:
             "SELECT pg_advisory_unlock(%s, p) FROM unnest(%s::int[]) AS p",
             [LOCK_CLASS, owned],
         )
-        cur.execute(
-            "SELECT pg_advisory_unlock_shared(%s, %s), set_config('outbox.relay_token', '', false)",
-            [LOCK_CLASS, _MEMBER_KEY],
-        )
+        cur.execute("SELECT pg_advisory_unlock_shared(%s, %s)", [LOCK_CLASS, _MEMBER_KEY])
 
     def others(self, cur: Any) -> int:
         """Relays draining right now, other than us."""
@@ -293,20 +301,23 @@ class _Partitions:
 # --- claim: leases (any database) ------------------------------------------------------
 
 
-def claim_batch(*, limit: int, lease_seconds: float, owner: str, exhaustive: bool = True) -> list[ClaimedRow]:
+def claim_batch(
+    *, limit: int, lease_seconds: float, owner: str, exhaustive: bool = True, in_flight: int = 0
+) -> list[ClaimedRow]:
     """Lease up to ``limit`` claimable rows to ``owner`` and return them in ``seq`` order.
 
     The lease mode (``OWNERSHIP = "leases"``, and SQLite): claims are serialised (an advisory
     transaction lock on PostgreSQL, the write lock on SQLite), the window walk runs here,
     and the rows are leased in the same short transaction. ``exhaustive=False`` looks at
-    the window only: what a relay that already has a batch in flight wants.
+    the window only: what a relay that already has a batch in flight wants; ``in_flight``
+    rows of the caller's batches sit at the front of the queue and widen the window.
     """
     postgres = _postgres()
     with transaction.atomic(), _cursor() as cur:
         if postgres:
             cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [LOCK_CLASS, _CLAIM_KEY])
         now = timezone.now()
-        window = limit * WINDOW_FACTOR
+        window = in_flight + int(limit * WINDOW_FACTOR)
         chosen = _walk_window(cur, now=now, limit=limit, window=window)
         if not chosen and exhaustive:
             chosen = _walk_window(cur, now=now, limit=limit, window=None)
@@ -701,8 +712,9 @@ def mark_results(result: PublishResult, *, owner: str, conf: OutboxSettings, own
     """Write the outcome of a batch; returns (failed, dead).
 
     ``owned=False``: ``owner`` is the rows' lease owner, and every write checks it.
-    ``owned=True`` (partitions): ``owner`` is the relay's session token, and every write
-    checks that this database session is still the one holding the partitions.
+    ``owned=True`` (partitions): ``owner`` names the database session that holds the
+    partitions ("pid@backend_start"), and every write checks that it is still alive: if it
+    ended, its partitions may belong to another relay by now. Any session may run the mark.
     """
     postgres = _postgres()
     now = timezone.now()
@@ -728,8 +740,12 @@ def mark_results(result: PublishResult, *, owner: str, conf: OutboxSettings, own
     statements = bool(result.published) + bool(failures) + bool(release)
     if not statements:
         return 0, 0
+    # Not inside a caller's transaction: its commit is not ours to make asynchronous.
+    async_commit = _ASYNC_COMMIT + ", " if postgres and not connection.in_atomic_block else ""
     fence = (
-        "o.status = 'pending' AND current_setting('outbox.relay_token', true) = %(owner)s"
+        "o.status = 'pending' AND EXISTS (SELECT 1 FROM pg_stat_activity a "
+        "WHERE a.pid = split_part(%(owner)s, '@', 1)::int "
+        "AND a.backend_start = split_part(%(owner)s, '@', 2)::timestamptz)"
         if owned
         else "o.lease_owner = %(owner)s"
     )
@@ -741,7 +757,7 @@ def mark_results(result: PublishResult, *, owner: str, conf: OutboxSettings, own
                 UPDATE {TABLE} AS o SET status = 'published', published_at = %(now)s, stream = v.stream,
                     stream_sequence = v.sseq, lease_until = NULL, lease_owner = '',
                     attempts = o.attempts + 1, last_error = ''
-                FROM {_ASYNC_COMMIT},
+                FROM {async_commit}
                      (SELECT unnest(string_to_array(%(ids)s, ',')::uuid[]) AS id,
                              unnest(string_to_array(%(sseqs)s, ',')::bigint[]) AS sseq,
                              {"%(stream)s::text" if len(streams) == 1 else "unnest(string_to_array(%(streams)s, ' '))"}
@@ -778,7 +794,7 @@ def mark_results(result: PublishResult, *, owner: str, conf: OutboxSettings, own
                 f"""
                 UPDATE {TABLE} AS o SET status = v.status, attempts = o.attempts + 1, last_error = v.error,
                     next_attempt_at = v.next_at, lease_until = NULL, lease_owner = ''
-                FROM {_ASYNC_COMMIT}, (SELECT unnest(%(ids)s::uuid[]) AS id, unnest(%(statuses)s::text[]) AS status,
+                FROM {async_commit} (SELECT unnest(%(ids)s::uuid[]) AS id, unnest(%(statuses)s::text[]) AS status,
                              unnest(%(errors)s::text[]) AS error, unnest(%(next)s::timestamptz[]) AS next_at) AS v
                 WHERE o.id = v.id AND {fence}
                 """,  # noqa: S608
@@ -834,6 +850,8 @@ class _Batch:
     timeout: float
     started_at: float
     seqs: str = ""  # the rows' seqs, comma-separated: what the next claims must leave alone
+    deadline: float = 0.0  # monotonic time by which the publish must have answered
+    marking: bool = False
 
 
 class Relay:
@@ -875,7 +893,11 @@ class Relay:
             return self._started(self._partitions.token, True, rows)
         owner = uuid.uuid4().hex
         rows = claim_batch(
-            limit=self.conf.BATCH_SIZE, lease_seconds=self.conf.LEASE_SECONDS, owner=owner, exhaustive=exhaustive
+            limit=self.conf.BATCH_SIZE,
+            lease_seconds=self.conf.LEASE_SECONDS,
+            owner=owner,
+            exhaustive=exhaustive,
+            in_flight=sum(len(b.rows) for b in inflight),
         )
         return self._started(owner, False, rows)
 
@@ -927,13 +949,13 @@ class Relay:
         else:
             error = None
         seqs = ",".join([str(r.seq) for r in rows]) if owned else ""
-        return _Batch(owner, owned, rows, future, error, timeout, started_at, seqs)
+        return _Batch(owner, owned, rows, future, error, timeout, started_at, seqs, time.monotonic() + timeout)
 
     def _collect(self, batch: _Batch) -> PublishResult:
         error = batch.error
         if batch.future is not None:
             try:
-                return self.broker.result(batch.future, timeout=batch.timeout)
+                return self.broker.result(batch.future, timeout=max(0.0, batch.deadline - time.monotonic()))
             except (PublishError, OutboxError, OSError) as exc:
                 error = exc
             except Exception as exc:  # noqa: BLE001 - nats-py raises assorted types when it cannot connect
@@ -1012,75 +1034,161 @@ class Relay:
         on_batch: Any = None,
         stop: Callable[[], bool] | None = None,
     ) -> BatchReport:
-        """Run pipelined batches until nothing is claimable, NATS fails, the budget is spent or ``stop()``.
+        """Run pipelined batches until nothing is claimable, NATS fails, the budget is spent or ``stop()``."""
+        if _postgres():
+            return self._drain_sessions(time_budget=time_budget, on_batch=on_batch, stop=stop)
+        return self._drain_serial(time_budget=time_budget, on_batch=on_batch, stop=stop)
 
-        Up to ``PIPELINE_DEPTH`` batches are on the wire. With partitions (PostgreSQL), once a
-        batch is in flight the next claims run on a second database session, in a second thread,
-        while this thread marks the previous batch on the session that holds the partitions.
-        """
+    def _drain_serial(
+        self, *, time_budget: float | None, on_batch: Any, stop: Callable[[], bool] | None
+    ) -> BatchReport:
+        """One session: batch N+1 is claimed while N is on the wire, then N is marked (SQLite)."""
         total = BatchReport()
         deadline = time.monotonic() + time_budget if time_budget else None
         depth = max(1, self.conf.PIPELINE_DEPTH)
         inflight: deque[_Batch] = deque()
-        claimer: _Claimer | None = None
-        claiming: concurrent.futures.Future | None = None
         stopping = False
         blocked = False  # the last claim found nothing: claim again only after a batch is marked
-        self._join()
         try:
             while True:
-                if claiming is None and not stopping and len(inflight) < depth and not (blocked and inflight):
-                    job = self._owned_job(inflight, exhaustive=False) if inflight and self._owned() else None
-                    if job is not None:
-                        claimer = claimer or _Claimer()
-                        claiming = claimer.submit(job)
-                    elif inflight and self._owned():
-                        blocked = True  # no partitions right now
-                    else:
-                        batch = self._claim(inflight, exhaustive=not inflight)
-                        if batch is None and not inflight and self._owned():
-                            # Nothing in our partitions: take every free one (relays that left), look again.
-                            with _cursor() as cur:
-                                self._partitions.rebalance(cur, busy=set(), greedy=True)
-                            batch = self._claim(inflight, exhaustive=True)
-                        blocked = batch is None
-                        if batch is not None:
-                            inflight.append(batch)
-                            continue
-                if claiming is not None:
-                    oldest = inflight[0].future if inflight else None
-                    concurrent.futures.wait(
-                        [claiming] if oldest is None else [claiming, oldest],
-                        return_when=concurrent.futures.FIRST_COMPLETED,
-                    )
-                    if claiming.done():
-                        rows, claiming = claiming.result(), None
-                        batch = self._started(self._partitions.token, True, rows)
-                        blocked = batch is None
-                        if batch is not None:
-                            inflight.append(batch)
-                        continue
+                while not stopping and len(inflight) < depth and not (blocked and inflight):
+                    batch = self._claim(inflight, exhaustive=not inflight)
+                    blocked = batch is None
+                    if batch is None:
+                        break
+                    inflight.append(batch)
                 if not inflight:
                     return total
                 batch = inflight.popleft()
                 result = self._collect(batch)
                 report = self._mark(batch, result)
-                _accumulate(total, report)
-                if on_batch is not None:
-                    on_batch(report)
                 blocked = False
-                broken = not result.published and bool(result.failed)
-                out_of_time = deadline is not None and time.monotonic() > deadline
-                stopping = stopping or broken or out_of_time or (stop is not None and stop())
+                stopping = self._account(total, report, result, on_batch, deadline, stop) or stopping
         finally:
-            if claiming is not None:
-                concurrent.futures.wait([claiming])
-            if claimer is not None:
-                claimer.close()
             for batch in inflight:  # only on an exception: stop publishing what will not be marked
                 if batch.future is not None:
                     batch.future.cancel()
+
+    def _drain_sessions(
+        self, *, time_budget: float | None, on_batch: Any, stop: Callable[[], bool] | None
+    ) -> BatchReport:
+        """PostgreSQL: claims and marks run on worker sessions, in their own threads, while this
+        thread keeps the pipeline full. At most one claim runs at a time (it leaves alone the rows
+        of every batch not yet marked); marks of different batches run side by side (batches are
+        aggregate-disjoint). With partitions, this thread's session holds them and is the fence."""
+        total = BatchReport()
+        deadline = time.monotonic() + time_budget if time_budget else None
+        depth = max(1, self.conf.PIPELINE_DEPTH)
+        owned = self._owned()
+        inflight: deque[_Batch] = deque()  # claimed and not yet marked, oldest first
+        marking: dict[concurrent.futures.Future, tuple[_Batch, PublishResult]] = {}
+        claiming: concurrent.futures.Future | None = None
+        sessions: list[_Session] = []
+        stopping = False
+        blocked = False  # the last claim found nothing: claim again only after a batch is marked
+        self._join()
+        try:
+            while True:
+                room = len(inflight) < depth and not stopping and not (blocked and inflight)
+                if claiming is None and room:
+                    if not inflight:
+                        # Nothing in flight: claim here (an idle poll opens no other session).
+                        batch = self._claim(inflight, exhaustive=True)
+                        if batch is None and owned:
+                            # Nothing in our partitions: take every free one (relays that left), look again.
+                            with _cursor() as cur:
+                                self._partitions.rebalance(cur, busy=set(), greedy=True)
+                            batch = self._claim(inflight, exhaustive=True)
+                        if batch is None:
+                            return total
+                        inflight.append(batch)
+                        continue
+                    job = self._claim_job(inflight)
+                    if job is None:
+                        blocked = True
+                    else:
+                        if not sessions:
+                            sessions = [_Session(f"outbox-db-{n}") for n in range(2)]
+                        claiming = sessions[0].submit(job)
+                # Wait for a claim, the oldest unmarked publish, or a mark.
+                publishing = [b for b in inflight if not b.marking]
+                waits = [f for f in [claiming, *marking] if f is not None]
+                waits += [b.future for b in publishing[:1] if b.future is not None]
+                if publishing and publishing[0].future is None:
+                    waits = []  # its publish never started: mark it now
+                if waits:
+                    timeout = max(0.0, publishing[0].deadline - time.monotonic()) if publishing else None
+                    concurrent.futures.wait(waits, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+                if claiming is not None and claiming.done():
+                    batch, claiming = claiming.result(), None
+                    blocked = batch is None
+                    if batch is not None:
+                        inflight.append(batch)
+                for future in [f for f in marking if f.done()]:
+                    batch, result = marking.pop(future)
+                    report = future.result()
+                    inflight.remove(batch)
+                    blocked = False
+                    stopping = self._account(total, report, result, on_batch, deadline, stop) or stopping
+                if publishing:
+                    batch = publishing[0]
+                    if batch.future is None or batch.future.done() or time.monotonic() >= batch.deadline:
+                        result = self._collect(batch)
+                        batch.marking = True
+                        quiet = min(sessions, key=lambda s: s.queued) if sessions else None
+                        if quiet is None:
+                            report = self._mark(batch, result)
+                            inflight.remove(batch)
+                            blocked = False
+                            stopping = self._account(total, report, result, on_batch, deadline, stop) or stopping
+                        else:
+                            marking[quiet.submit(partial(self._mark, batch, result))] = (batch, result)
+                if not inflight and claiming is None and stopping:
+                    return total
+        finally:
+            # Only on an exception: drop queued work, stop publishing what will not be marked.
+            for future in [claiming, *marking]:
+                if future is not None:
+                    future.cancel()
+            for batch in inflight:
+                if batch.future is not None and not batch.marking:
+                    batch.future.cancel()
+            for session in sessions:
+                session.close()
             self._leave()
+
+    def _claim_job(self, inflight: deque[_Batch]) -> Callable[[], _Batch | None] | None:
+        """A claim to run on a worker session; None when we hold no partitions right now."""
+        if self._owned():
+            owned_job = self._owned_job(inflight, exhaustive=False)
+            if owned_job is None:
+                return None
+            token = self._partitions.token
+
+            def job() -> _Batch | None:
+                with _cursor() as cur:
+                    rows = owned_job(cur)
+                return self._started(token, True, rows)
+
+            return job
+        return partial(self._claim, deque(inflight), exhaustive=False)
+
+    def _account(
+        self,
+        total: BatchReport,
+        report: BatchReport,
+        result: PublishResult,
+        on_batch: Any,
+        deadline: float | None,
+        stop: Callable[[], bool] | None,
+    ) -> bool:
+        """Add a marked batch to the totals; True when the drain should stop claiming."""
+        _accumulate(total, report)
+        if on_batch is not None:
+            on_batch(report)
+        broken = not result.published and bool(result.failed)  # NATS refuses everything
+        out_of_time = deadline is not None and time.monotonic() > deadline
+        return broken or out_of_time or (stop is not None and stop())
 
     def held_elsewhere(self) -> bool:
         """Is another relay working on rows this one could not claim (so waiting may help)?"""
@@ -1090,31 +1198,40 @@ class Relay:
         return OutboxEvent.objects.filter(status="pending", lease_until__gt=timezone.now()).exists()
 
 
-class _Claimer:
-    """A second database session, with its own thread, for the claims of a pipelined drain.
+class _Session:
+    """A worker thread with its own database session (Django's connections are per thread)."""
 
-    It only reads (the claim writes nothing with partitions), so it needs no locks of its own;
-    the partitions, and with them the right to mark, stay with the relay's own session.
-    """
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.queued = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
 
-    def __init__(self) -> None:
-        import psycopg
+    def submit(self, job: Callable[[], T]) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self.queued += 1
+        self._jobs.put((job, future))
+        return future
 
-        self._conn = psycopg.connect(**connection.get_connection_params(), autocommit=True)
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outbox-claim")
-
-    def submit(self, job: Callable[[Any], list[ClaimedRow]]) -> concurrent.futures.Future[list[ClaimedRow]]:
-        import psycopg
-
-        def run() -> list[ClaimedRow]:
-            with psycopg.Cursor(self._conn) as cur:
-                return job(cur)
-
-        return self._pool.submit(run)
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._jobs.get()
+                if item is None:
+                    return
+                job, future = item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(job())
+                    except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                        future.set_exception(exc)
+                self.queued -= 1
+        finally:
+            connection.close()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._conn.close()
+        self._jobs.put(None)
+        self._thread.join()
 
 
 def _chains(rows: list[ClaimedRow]) -> dict[tuple[str, str], list[ClaimedRow]]:

@@ -1,0 +1,326 @@
+"""Ownership, ordering and failure paths of the relay's claim and publish (real PostgreSQL and NATS).
+
+test_relay.py attacks the guarantees end to end; this file attacks the pieces the fast path rests on:
+partitions held by one relay at a time, the window claim that skips history, blocked aggregates,
+the fencing of marks, chains cut by a failure, and the lease mode that SQLite and pgbouncer use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+from collections import defaultdict
+from datetime import timedelta
+
+import nats
+import pytest
+from django.db import connection, transaction
+from django.utils import timezone
+
+from outbox import relay as relay_module
+from outbox.conf import outbox_settings
+from outbox.models import OutboxEvent
+from outbox.relay import (
+    LOCK_CLASS,
+    PARTITIONS,
+    PublishResult,
+    Relay,
+    _contiguous,
+    _cursor,
+    _Partitions,
+    claim_batch,
+    mark_results,
+)
+from outbox.streams import stream_name
+from tests.helpers import insert_ticket_events, manage, read_stream_fast, subprocess_env, wait_for
+from tests.outbox.test_relay import assert_stream_matches_outbox
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TICKETS = stream_name("TICKETS")
+
+
+def conf(**changes):
+    return dataclasses.replace(outbox_settings(), **changes)
+
+
+def claim(limit: int = 500, inflight: str = "") -> list:
+    """One claim over all partitions, as a relay holding them all would run it."""
+    with _cursor() as cur:
+        return relay_module._claim_owned(cur, limit=limit, window=None, inflight=inflight, partitions=None)
+
+
+def advisory_locks(*, other_than_us: bool = False) -> int:
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid::bigint = %s "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            + (" AND pid <> pg_backend_pid()" if other_than_us else ""),
+            [LOCK_CLASS],
+        )
+        return cur.fetchone()[0]
+
+
+def versions_in_stream(messages: list[dict]) -> dict[str, list[int]]:
+    seen: dict[str, list[int]] = defaultdict(list)
+    for m in messages:
+        seen[m["data"]["id"]].append(m["data"]["version"])
+    return seen
+
+
+# --- partitions -------------------------------------------------------------------------
+
+
+def test_two_relays_split_the_partitions_and_never_hold_the_same_one():
+    from django.db import connections
+
+    first, second = _Partitions(outbox_settings()), _Partitions(outbox_settings())
+    with _cursor() as cur:
+        first.join(cur)
+    assert first.owned == set(range(PARTITIONS)), "a relay alone takes every partition"
+    # The second relay runs on its own session (another thread's connection).
+    other = connections.create_connection("default")
+    try:
+        import psycopg
+
+        other.ensure_connection()
+        with psycopg.Cursor(other.connection) as cur2:
+            second.join(cur2)
+            assert second.owned == set(), "all partitions are taken: the newcomer waits"
+            with _cursor() as cur:
+                first.rebalance(cur, busy={0, 1})
+            assert len(first.owned) == PARTITIONS // 2 and {0, 1} <= first.owned, "busy partitions are kept"
+            second.rebalance(cur2, busy=set())
+            assert len(second.owned) == PARTITIONS // 2
+            assert not first.owned & second.owned
+            second.leave(cur2)
+        with _cursor() as cur:
+            first.rebalance(cur, busy=set(), greedy=True)
+            assert first.owned == set(range(PARTITIONS))
+            first.leave(cur)
+    finally:
+        other.close()
+    assert advisory_locks() == 0
+
+
+def test_a_relay_killed_after_its_claim_releases_its_partitions_at_once_and_another_publishes_everything(logs):
+    total = insert_ticket_events(aggregates=40, per_aggregate=5)
+    env = subprocess_env(OUTBOX_FAULT_INJECTION="crash-after-claim", OUTBOX_LEASE_SECONDS="600")
+    crashed = manage("outbox_relay", "--drain", "--quiet", env=env, log=logs / "crash.log")
+    assert crashed.wait(120) == -signal.SIGKILL
+    # Its session ended with the process: no partition stays locked, although the lease setting is 10 min.
+    wait_for(lambda: advisory_locks() == 0, timeout=30, what="the killed relay's locks to go")
+    assert OutboxEvent.objects.filter(status="published").count() == 0
+    survivor = manage("outbox_relay", "--drain", "--quiet", log=logs / "survivor.log")
+    assert survivor.wait(120) == 0, (logs / "survivor.log").read_text()
+    messages = read_stream_fast(TICKETS)
+    assert len(messages) == total
+    assert_stream_matches_outbox(messages)
+
+
+def test_a_mark_is_refused_once_the_session_that_held_the_partitions_has_ended():
+    insert_ticket_events(aggregates=3, per_aggregate=1)
+    rows = claim()
+    result = PublishResult(published=[(r, TICKETS, n + 1) for n, r in enumerate(rows)])
+    parts = _Partitions(outbox_settings())
+    with _cursor() as cur:
+        parts.join(cur)
+        live = parts.token
+        parts.leave(cur)
+    pid, started = live.split("@", 1)
+    gone = f"{int(pid) + 1_000_000}@{started}"
+    mark_results(result, owner=gone, conf=outbox_settings(), owned=True)
+    assert OutboxEvent.objects.filter(status="published").count() == 0, "a dead owner's mark must not land"
+    mark_results(result, owner=live, conf=outbox_settings(), owned=True)
+    assert OutboxEvent.objects.filter(status="published").count() == 3
+
+
+# --- the claim ------------------------------------------------------------------------
+
+
+def test_the_claim_takes_each_aggregate_in_version_order_and_leaves_in_flight_aggregates_alone():
+    insert_ticket_events(aggregates=3, per_aggregate=4)
+    rows = claim(limit=100)
+    by_aggregate = defaultdict(list)
+    for row in rows:
+        by_aggregate[row.aggregate_id].append(row.aggregate_version)
+    assert all(v == [0, 1, 2, 3] for v in by_aggregate.values()), by_aggregate
+    assert [r.seq for r in rows] == sorted(r.seq for r in rows)
+    # Rows of a batch in flight are not claimable, and neither is anything after them.
+    first = [r for r in rows if r.aggregate_id == rows[0].aggregate_id]
+    again = claim(limit=100, inflight=str(first[0].seq))
+    assert {r.aggregate_id for r in again} == set(by_aggregate) - {rows[0].aggregate_id}
+
+
+def test_a_row_backing_off_or_leased_holds_back_its_own_aggregate_only():
+    insert_ticket_events(aggregates=3, per_aggregate=2, interleave=False)
+    a, b, c = (OutboxEvent.objects.filter(aggregate_version=0).order_by("seq"))[:3]
+    later = timezone.now() + timedelta(minutes=5)
+    OutboxEvent.objects.filter(pk=a.pk).update(next_attempt_at=later, attempts=1)
+    OutboxEvent.objects.filter(pk=b.pk).update(lease_until=later, lease_owner="someone-else")
+    rows = claim(limit=100)
+    assert {r.aggregate_id for r in rows} == {c.aggregate_id}
+    assert [r.aggregate_version for r in rows] == [0, 1]
+
+
+def test_a_dead_row_holds_back_its_aggregate_in_the_claim():
+    insert_ticket_events(aggregates=2, per_aggregate=3, interleave=False)
+    dead = OutboxEvent.objects.order_by("seq").first()
+    OutboxEvent.objects.filter(pk=dead.pk).update(status="dead")
+    rows = claim(limit=100)
+    assert {r.aggregate_id for r in rows} == set(OutboxEvent.objects.values_list("aggregate_id", flat=True)) - {
+        dead.aggregate_id
+    }
+
+
+def test_the_claim_reads_the_window_not_the_published_history():
+    """The buffers a claim touches do not grow with the published history, and nothing scans the table."""
+
+    def claim_plan() -> tuple[int, str]:
+        sql = relay_module._OWNED_CLAIM.format(partitions="", window="LIMIT %(window)s")
+        params = {"now": timezone.now(), "inflight": "", "limit": 500, "window": 1000, "partitions": None}
+        with _cursor() as cur:
+            cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, params)
+            plan = cur.fetchone()[0][0]["Plan"]
+        return plan["Shared Hit Blocks"] + plan["Shared Read Blocks"], json.dumps(plan)
+
+    def add_history(rows: int, offset: int) -> None:
+        with connection.cursor() as cur:
+            cur.execute(
+                """
+                INSERT INTO outbox_outboxevent (id, subject, payload, headers, aggregate_type, aggregate_id,
+                    aggregate_version, status, attempts, lease_owner, last_error, published_at, stream,
+                    stream_sequence)
+                SELECT gen_random_uuid(), 'ticket:updated', jsonb_build_object('id', 'h' || (g %% 15000), 'version', g),
+                       '{}'::jsonb, 'ticket', 'h' || (g %% 15000), g / 15000, 'published', 1, '', '',
+                       now() - interval '1 hour', 'X', g
+                FROM generate_series(%s, %s) AS g
+                """,
+                [offset, offset + rows - 1],
+            )
+            cur.execute("ANALYZE outbox_outboxevent")
+
+    add_history(50_000, 0)
+    insert_ticket_events(aggregates=200, per_aggregate=5)
+    some, _ = claim_plan()
+    add_history(150_000, 50_000)
+    more, plan = claim_plan()
+    assert more <= some * 1.2 + 20, (some, more)
+    assert '"Seq Scan"' not in plan, plan
+
+
+# --- publishing -----------------------------------------------------------------------
+
+
+def test_a_refused_publish_cuts_its_chain_and_later_versions_wait_while_other_aggregates_go():
+    """JetStream refuses one message (over the stream's max_msg_size): its aggregate stops there."""
+    insert_ticket_events(aggregates=3, per_aggregate=3, interleave=False)
+    victim = OutboxEvent.objects.filter(aggregate_version=1).order_by("seq").first()
+    payload = dict(victim.payload, title="x" * 2000)
+    OutboxEvent.objects.filter(pk=victim.pk).update(payload=payload)
+    relay = Relay(conf=conf(BATCH_SIZE=100, BACKOFF_BASE=60.0, BACKOFF_MAX=60.0))
+    relay.ensure_streams()
+
+    async def limit_size() -> None:
+        nc = await nats.connect(os.environ["NATS_URL"])
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(TICKETS)
+            await js.update_stream(info.config.evolve(max_msg_size=1024))
+        finally:
+            await nc.close()
+
+    asyncio.run(limit_size())
+    report = relay.drain()
+    assert report.published == 7 and report.failed == 1
+    victim.refresh_from_db()
+    assert victim.status == "pending" and victim.attempts == 1 and victim.last_error
+    after = OutboxEvent.objects.get(aggregate_id=victim.aggregate_id, aggregate_version=2)
+    assert after.status == "pending" and after.attempts == 0, "the version after a failure must not be tried"
+    seen = versions_in_stream(read_stream_fast(TICKETS))
+    assert seen[victim.aggregate_id] == [0]
+    assert sorted(len(v) for v in seen.values()) == [1, 3, 3]
+
+
+def test_an_invalid_header_name_makes_the_row_dead_without_blocking_other_aggregates():
+    insert_ticket_events(aggregates=2, per_aggregate=2, interleave=False)
+    bad = OutboxEvent.objects.order_by("seq").first()
+    OutboxEvent.objects.filter(pk=bad.pk).update(headers={"bad header": "x"})
+    report = Relay().drain()
+    bad.refresh_from_db()
+    assert bad.status == "dead" and "invalid header name" in bad.last_error
+    assert report.published == 2
+    assert set(OutboxEvent.objects.exclude(aggregate_id=bad.aggregate_id).values_list("status", flat=True)) == {
+        "published"
+    }
+
+
+def test_deep_backlogs_on_few_aggregates_go_out_in_version_order_through_a_deep_pipeline():
+    insert_ticket_events(aggregates=4, per_aggregate=150, interleave=False)
+    insert_ticket_events(aggregates=3, per_aggregate=100)
+    report = Relay(conf=conf(BATCH_SIZE=40, PIPELINE_DEPTH=4)).drain()
+    assert report.published == 900
+    assert_stream_matches_outbox(read_stream_fast(TICKETS))
+
+
+def test_the_public_publish_path_gives_the_same_stream():
+    insert_ticket_events(aggregates=20, per_aggregate=5)
+    report = Relay(conf=conf(WIRE_PUBLISH=False, BATCH_SIZE=30)).drain()
+    assert report.published == 100
+    messages = read_stream_fast(TICKETS)
+    assert_stream_matches_outbox(messages)
+    assert {"Nats-Msg-Id", "aggregate-type", "aggregate-id", "aggregate-version", "correlation-id"} <= set(
+        messages[0]["headers"]
+    )
+
+
+# --- the lease mode (SQLite, pgbouncer) ----------------------------------------------------
+
+
+def test_lease_mode_drains_in_version_order_and_leaves_no_lease_behind():
+    insert_ticket_events(aggregates=30, per_aggregate=10)
+    report = Relay(conf=conf(OWNERSHIP="leases", BATCH_SIZE=50)).drain()
+    assert report.published == 300
+    assert not OutboxEvent.objects.filter(lease_until__isnull=False).exists()
+    assert_stream_matches_outbox(read_stream_fast(TICKETS))
+
+
+def test_lease_mode_claims_lease_rows_and_a_second_claim_skips_their_aggregates():
+    insert_ticket_events(aggregates=4, per_aggregate=3)
+    first = claim_batch(limit=3, lease_seconds=30, owner="first")
+    assert len({r.aggregate_id for r in first}) == 3
+    assert OutboxEvent.objects.filter(lease_owner="first").count() == 3
+    second = claim_batch(limit=100, lease_seconds=30, owner="second")
+    assert len({r.aggregate_id for r in second}) == 1
+    assert {r.aggregate_id for r in first}.isdisjoint({r.aggregate_id for r in second})
+    assert [r.aggregate_version for r in second] == [0, 1, 2]
+
+
+def test_lease_mode_drops_rows_after_a_hole_in_their_chain():
+    rows = {f"r{n}": object() for n in range(4)}
+    chosen = [("r0", ("t", "a")), ("r1", ("t", "a")), ("r2", ("t", "a")), ("r3", ("t", "b"))]
+    leased = {"r0": rows["r0"], "r2": rows["r2"], "r3": rows["r3"]}  # r1 changed under the claim
+    kept, released = _contiguous(chosen, leased)
+    assert kept == [rows["r0"], rows["r3"]]
+    assert released == ["r2"]
+
+
+def test_run_batch_inside_a_transaction_block_still_publishes_and_releases_its_partitions():
+    insert_ticket_events(aggregates=2, per_aggregate=2)
+    with transaction.atomic():
+        report = Relay().run_batch()
+    assert report.published == 4
+    assert advisory_locks() == 0
+
+
+def test_no_relay_leaves_partition_locks_behind_after_drain_or_run_batch():
+    insert_ticket_events(aggregates=5, per_aggregate=2)
+    relay = Relay()
+    relay.run_batch()
+    assert advisory_locks() == 0
+    insert_ticket_events(aggregates=5, per_aggregate=2)
+    relay.drain()
+    assert advisory_locks() == 0
