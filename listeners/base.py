@@ -1,14 +1,18 @@
-"""The Listener base class and the version-order rule."""
+"""The Listener base class, its batch extension point and the version-order rule."""
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from django.db import connection, models
+
+from listeners.errors import NotYet
 from outbox.contracts import Contract, Event, registry
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Context:
     """What a handler knows about the message besides the event itself."""
 
@@ -18,6 +22,12 @@ class Context:
     stream_sequence: int | None
     deliveries: int
     headers: dict[str, str] = field(default_factory=dict)
+
+
+#: What :meth:`Listener.handle_batch` returns for one event: an outcome word (the event is
+#: done: an inbox row is written for it) or the exception :meth:`Listener.handle` would
+#: have raised (``NotYet``, ``PermanentFailure`` ...: nothing may have been written for it).
+BatchOutcome = str | Exception
 
 
 class Listener:
@@ -32,6 +42,16 @@ class Listener:
     backoff and, after ``max_deliver`` deliveries, dead-lettered. A lost database
     connection is not the event's fault: the runner retries the whole batch in
     place, without spending deliveries.
+
+    **The batch fast path (optional).** A listener that can apply many events with a
+    few set-based statements implements :meth:`handle_batch` as well; the framework
+    then hands it every event of a fetched batch that belongs to its
+    :meth:`batch_group`, in stream order, inside one savepoint, and writes their inbox
+    rows with one INSERT. When ``handle_batch`` raises, that savepoint is rolled back
+    and the same events go through :meth:`handle` one by one, each in its own
+    savepoint, exactly as without the fast path: so a poison event in a batch costs
+    the batch its speed, never its correctness. :class:`VersionedReplicaListener`
+    implements both for the common case of a local copy kept by version.
     """
 
     #: Event names this listener handles.
@@ -50,6 +70,34 @@ class Listener:
 
     def handle(self, event: Event, ctx: Context) -> str | None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def handle_batch(self, events: Sequence[Event], ctxs: Sequence[Context]) -> list[BatchOutcome]:
+        """Apply several events at once (optional); return one :data:`BatchOutcome` per event, in order.
+
+        Contract, checked by nothing but the tests of the listener that implements it:
+
+        * the result must be what calling :meth:`handle` on each event in the given
+          order would have produced (same writes, same outcome words, same exceptions);
+        * for an event whose outcome is an exception nothing may have been written;
+        * raise (anything) to give up: the framework rolls back whatever this call
+          wrote and applies the events one by one through :meth:`handle` instead;
+        * the inbox rows are the framework's: do not write them; a duplicate event
+          (already in the inbox, or a second copy within the batch) never reaches here.
+
+        It runs in the batch transaction but not inside :func:`outbox.event_context`
+        (there is no single causing event): listeners that emit events stay per-message.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def batch_group(cls) -> Hashable | None:
+        """Events of listeners with equal groups go to one :meth:`handle_batch` call; None: no fast path.
+
+        By default a listener that overrides :meth:`handle_batch` is a group of its own.
+        The instance whose ``handle_batch`` is called is of the group's first class met in
+        the batch, so listeners sharing a group must accept each other's events there.
+        """
+        return cls if cls.handle_batch is not Listener.handle_batch else None
 
     def reset(self) -> int:
         """Forget the local state this listener built (``listen --from-start --reset``)."""
@@ -85,6 +133,191 @@ def version_decision(*, held: int | None, incoming: int, creation: bool) -> str:
     if incoming == held + 1:
         return "apply"
     return "gap"
+
+
+class ReplicaConflict(Exception):
+    """A row this batch meant to create appeared meanwhile (another process): apply one by one instead."""
+
+
+class VersionedReplicaListener(Listener):
+    """A local copy of an aggregate, one row per aggregate id, kept from its versioned events.
+
+    Declare the model, which subjects create the row and how an event maps to the
+    row's fields; get :meth:`handle` *and* the batch fast path without writing SQL::
+
+        class ProductCopy(VersionedReplicaListener):
+            subjects = ("product:created", "product:updated")
+            group = "catalog"
+            model = ProductReplica                   # primary key = the aggregate id
+            creation_subjects = ("product:created",)
+
+            def replica_fields(self, event):
+                return {"name": event.name, "price": event.price}
+
+    The version rule is :func:`version_decision`: version N applies on N-1 (on nothing
+    for a creation), a held version >= N makes the event ``stale``, anything else is a
+    gap (``NotYet``: redelivered later). A batch costs one ``SELECT ... FOR UPDATE`` of
+    the rows it touches (in primary-key order, so processes sharing a durable take
+    their locks in one order and cannot deadlock), the decisions in Python in stream
+    order, then at most one INSERT of new rows and one UPDATE of changed rows, each
+    row written once with its last state. A row that another process created between
+    the lock and the INSERT makes the batch fall back to the per-event path, which
+    turns it into an ordinary retry.
+
+    Listeners sharing a model share a batch group, so a creation and its updates in
+    one batch are decided together; their ``model``, ``creation_subjects``,
+    ``replica_key``, ``replica_version`` and ``replica_fields`` must agree (declare them
+    on a common base class).
+    """
+
+    #: The replica model; its primary key is the aggregate id.
+    model: ClassVar[type[models.Model]]
+    #: Subjects whose event may create the row (version applies on nothing).
+    creation_subjects: ClassVar[tuple[str, ...]] = ()
+    #: The model field that holds the applied version.
+    version_field: ClassVar[str] = "version"
+
+    # -- the mapping, per event ------------------------------------------------------
+
+    def replica_fields(self, event: Event) -> dict[str, Any]:  # pragma: no cover - abstract
+        """The row's field values for ``event``, without the primary key and the version."""
+        raise NotImplementedError
+
+    def replica_key(self, event: Event) -> Any:
+        return getattr(event, event.__contract__.id_field)
+
+    def replica_version(self, event: Event) -> int:
+        return getattr(event, event.__contract__.version_field or "version")
+
+    def is_creation(self, event: Event, ctx: Context) -> bool:
+        return ctx.subject in self.creation_subjects
+
+    @classmethod
+    def batch_group(cls) -> Hashable | None:
+        return ("versioned-replica", cls.model._meta.label)
+
+    # -- the framework's side ----------------------------------------------------------
+
+    def handle(self, event: Event, ctx: Context) -> str:
+        [outcome] = self.handle_batch([event], [ctx])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def handle_batch(self, events: Sequence[Event], ctxs: Sequence[Context]) -> list[BatchOutcome]:
+        keys = [self.replica_key(event) for event in events]
+        rows = (
+            self.model.objects.select_for_update()
+            .filter(pk__in=set(keys))
+            .order_by("pk")
+            .values_list("pk", self.version_field)
+        )
+        held: dict[Any, int] = dict(rows)
+        existing = set(held)
+        last: dict[Any, Event] = {}  # the last event applied per row: what the row must hold
+        outcomes: list[BatchOutcome] = []
+        for event, ctx, key in zip(events, ctxs, keys, strict=True):
+            version = self.replica_version(event)
+            current = held.get(key)
+            decision = version_decision(held=current, incoming=version, creation=self.is_creation(event, ctx))
+            if decision == "apply":
+                held[key] = version
+                last[key] = event
+                outcomes.append("applied")
+            elif decision == "stale":
+                outcomes.append("stale")
+            else:
+                what = "nothing" if current is None else current
+                aggregate = event.__contract__.aggregate
+                outcomes.append(NotYet(f"{aggregate} {key}: holds {what}, got version {version}"))
+        if last:
+            self._write(
+                [(key, event) for key, event in last.items() if key not in existing],
+                [(key, event) for key, event in last.items() if key in existing],
+            )
+        return outcomes
+
+    def _write(self, created: list[tuple[Any, Event]], changed: list[tuple[Any, Event]]) -> None:
+        """One INSERT for the new rows, one UPDATE for the locked ones; rows in key order."""
+        meta = self.model._meta
+        version = meta.get_field(self.version_field)
+        if created:
+            objs = [
+                self.model(pk=key, **{version.attname: self.replica_version(e)}, **self.replica_fields(e))
+                for key, e in sorted(created, key=_first)
+            ]
+            fields = [f for f in meta.concrete_fields if not (f.primary_key and isinstance(f, models.AutoField))]
+            inserted = _insert_new(self.model, fields, objs)
+            if inserted != len(objs):
+                raise ReplicaConflict(f"{len(objs) - inserted} {meta.label} row(s) created concurrently")
+        if changed:
+            objs = [
+                self.model(pk=key, **{version.attname: self.replica_version(e)}, **self.replica_fields(e))
+                for key, e in sorted(changed, key=_first)
+            ]
+            names = set(self.replica_fields(changed[0][1])) | {self.version_field}
+            fields = [meta.pk] + [
+                f
+                for f in meta.concrete_fields
+                if not f.primary_key and (f.name in names or f.attname in names or getattr(f, "auto_now", False))
+            ]
+            updated = _update_locked(self.model, fields, objs)
+            if updated != len(objs):
+                raise ReplicaConflict(f"{len(objs) - updated} locked {meta.label} row(s) vanished")
+
+
+def _first(pair: tuple[Any, Any]) -> Any:
+    return pair[0]
+
+
+def _values(fields: list[models.Field], objs: list[models.Model], *, add: bool) -> list[Any]:
+    params: list[Any] = []
+    for obj in objs:
+        for f in fields:
+            params.append(f.get_db_prep_save(f.pre_save(obj, add), connection))
+    return params
+
+
+def _chunks(objs: list[models.Model], width: int) -> list[list[models.Model]]:
+    size = max(1, 30_000 // max(width, 1))  # far below PostgreSQL's 65,535 parameters per statement
+    return [objs[i : i + size] for i in range(0, len(objs), size)]
+
+
+def _insert_new(model: type[models.Model], fields: list[models.Field], objs: list[models.Model]) -> int:
+    """INSERT ... ON CONFLICT DO NOTHING; returns how many rows were really inserted."""
+    qn = connection.ops.quote_name
+    columns = ", ".join(qn(f.column) for f in fields)
+    row = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    inserted = 0
+    with connection.cursor() as cursor:
+        for chunk in _chunks(objs, len(fields)):
+            cursor.execute(
+                f"INSERT INTO {qn(model._meta.db_table)} ({columns}) VALUES {', '.join([row] * len(chunk))} "  # noqa: S608 - names from the model, values bound
+                "ON CONFLICT DO NOTHING",
+                _values(fields, chunk, add=True),
+            )
+            inserted += cursor.rowcount
+    return inserted
+
+
+def _update_locked(model: type[models.Model], fields: list[models.Field], objs: list[models.Model]) -> int:
+    """UPDATE ... FROM (VALUES ...) of rows this transaction holds locked; ``fields[0]`` is the key."""
+    qn = connection.ops.quote_name
+    table = qn(model._meta.db_table)
+    row = "(" + ", ".join(f"%s::{f.cast_db_type(connection)}" for f in fields) + ")"
+    aliases = ", ".join(qn(f.column) for f in fields)
+    assignments = ", ".join(f"{qn(f.column)} = v.{qn(f.column)}" for f in fields[1:])
+    pk = qn(fields[0].column)
+    updated = 0
+    with connection.cursor() as cursor:
+        for chunk in _chunks(objs, len(fields)):
+            cursor.execute(
+                f"UPDATE {table} SET {assignments} FROM (VALUES {', '.join([row] * len(chunk))}) "  # noqa: S608 - names from the model, values bound
+                f"AS v ({aliases}) WHERE {table}.{pk} = v.{pk}",
+                _values(fields, chunk, add=False),
+            )
+            updated += cursor.rowcount
+    return updated
 
 
 def describe(value: Any) -> str:

@@ -1,13 +1,17 @@
 """The listeners this service runs: its copy of tickets, kept from ticket events.
 
 This module knows tickets only through the event contracts, exactly as a second
-service would.
+service would. Both listeners are :class:`VersionedReplicaListener` s of one model,
+so a fetched batch of ticket events is applied as a set (one locking SELECT, one
+INSERT, one UPDATE and one inbox INSERT), falling back to one event at a time only
+when the set cannot be applied.
 """
 
 from __future__ import annotations
 
-from listeners.base import Context, Listener, version_decision
-from listeners.errors import NotYet
+from typing import Any
+
+from listeners.base import Context, VersionedReplicaListener
 from listeners.models import TicketReplica
 from listeners.registry import listener
 from ticketing.events import TicketCreated, TicketUpdated
@@ -15,34 +19,18 @@ from ticketing.events import TicketCreated, TicketUpdated
 REPLICA_GROUP = "replica"
 
 
-class _TicketReplicaListener(Listener):
+class _TicketReplicaListener(VersionedReplicaListener):
     group = REPLICA_GROUP
+    model = TicketReplica
+    creation_subjects = ("ticket:created",)
 
-    def _apply(self, event: TicketCreated | TicketUpdated, *, creation: bool) -> str:
-        current = TicketReplica.objects.select_for_update().filter(pk=event.id).first()
-        decision = version_decision(
-            held=current.version if current else None, incoming=event.version, creation=creation
-        )
-        if decision == "stale":
-            return "stale"
-        if decision == "gap":
-            held = current.version if current else "nothing"
-            raise NotYet(f"ticket {event.id}: holds {held}, got version {event.version}")
-        fields = {
+    def replica_fields(self, event: TicketCreated | TicketUpdated) -> dict[str, Any]:
+        return {
             "title": event.title,
             "price": event.price,
             "user_id": event.user_id,
             "order_id": getattr(event, "order_id", None),
-            "version": event.version,
         }
-        # The row is already locked (or absent): one UPDATE or one INSERT, no second lookup.
-        if current is None:
-            TicketReplica.objects.create(id=event.id, **fields)
-        else:
-            for name, value in fields.items():
-                setattr(current, name, value)
-            current.save(update_fields=[*fields, "updated_at"])
-        return "applied"
 
     def reset(self) -> int:
         deleted, _ = TicketReplica.objects.all().delete()
@@ -54,7 +42,7 @@ class TicketCreatedListener(_TicketReplicaListener):
     subjects = ("ticket:created",)
 
     def handle(self, event: TicketCreated, ctx: Context) -> str:
-        return self._apply(event, creation=True)
+        return super().handle(event, ctx)
 
 
 @listener
@@ -62,4 +50,4 @@ class TicketUpdatedListener(_TicketReplicaListener):
     subjects = ("ticket:updated",)
 
     def handle(self, event: TicketUpdated, ctx: Context) -> str:
-        return self._apply(event, creation=False)
+        return super().handle(event, ctx)

@@ -204,12 +204,22 @@ def test_second_signal_exits_at_once_with_the_batch_uncommitted(tmp_path: Path):
 
 
 def test_sigterm_mid_run_exits_0_and_a_restart_applies_every_event_exactly_once(tmp_path: Path):
-    messages = tickets(150, 20)  # 3,000 events
+    messages = tickets(250, 20)  # 5,000 events
     publish(messages)
 
     proc = start_listener(*BOTH, "--batch", "50", log=tmp_path / "1.log")
     wait_for(lambda: InboxEntry.objects.count() >= 300, timeout=120, what="the listener to apply some events")
-    assert stop(proc, sig=signal.SIGTERM) == 0
+    # The signal arrives while a batch is inside its transaction (held at its inbox INSERT):
+    # that batch must still commit and be acked, and nothing after it fetched.
+    lock = _lock_inbox_table()
+    try:
+        wait_for(_blocked_on_a_lock, timeout=60, what="a batch to block inside its transaction")
+        os.killpg(proc.pid, signal.SIGTERM)
+        wait_for(lambda: log_lines(tmp_path / "1.log", "listener.stopping"), timeout=30, what="the signal heard")
+    finally:
+        lock.rollback()
+        lock.close()
+    assert proc.wait(30) == 0
     applied_before = InboxEntry.objects.count()
     assert applied_before < len(messages), "stopped too late to test anything; publish more"
 
@@ -316,17 +326,46 @@ def _terminate_other_sessions() -> int:
         return cur.fetchone()[0]
 
 
+def _lock_inbox_table() -> psycopg.Connection:
+    """Hold an EXCLUSIVE lock on the inbox from outside Django: reads pass, a batch's inbox INSERT waits.
+
+    The listener's batch then sits mid-transaction (its replica rows locked and written)
+    until the lock goes: a deterministic moment to take the database away from it.
+    """
+    conn = psycopg.connect(helpers.test_database_url())
+    conn.execute("LOCK TABLE listeners_inboxentry IN EXCLUSIVE MODE")
+    return conn
+
+
+def _close_quietly(conn: psycopg.Connection) -> None:
+    try:
+        conn.close()
+    except psycopg.Error:
+        pass
+
+
 def test_database_connection_lost_mid_run_is_retried_in_place_without_spending_deliveries(tmp_path: Path):
     messages = tickets(100, 20, seed=3)
-    publish(messages)
+    chunks = [messages[start : start + 500] for start in range(0, len(messages), 500)]
     log = tmp_path / "listen.log"
     proc = start_listener(*BOTH, "--batch", "50", log=log)
     try:
-        for round_ in range(1, 4):
-            wait_for(lambda r=round_: InboxEntry.objects.count() >= 200 * r, timeout=60, what="progress")
-            wait_for(_terminate_other_sessions, timeout=30, what="the listener's session to kill")
+        wait_for(lambda: log_lines(log, "listener.ready"), timeout=60, what="the listener to be ready")
+        for round_, chunk in enumerate(chunks[:3], start=1):
+            lock = _lock_inbox_table()
+            try:
+                publish(chunk)
+                wait_for(_blocked_on_a_lock, timeout=60, what="a batch to block inside its transaction")
+                # Kills the listener's session mid-batch (and the lock holder's, which frees the table).
+                wait_for(_terminate_other_sessions, timeout=30, what="the listener's session to kill")
+            finally:
+                _close_quietly(lock)
             wait_for(lambda r=round_: len(log_lines(log, "listener.batch_failed")) >= r, timeout=30,
                      what="the listener to notice")  # fmt: skip
+            # The retried batch and the rest of the chunk go through before the next round.
+            applied = sum(map(len, chunks[:round_]))
+            wait_for(lambda n=applied: InboxEntry.objects.count() == n, timeout=60, what="the chunk applied")
+        publish(chunks[3])
         wait_for(lambda: InboxEntry.objects.count() == len(messages), timeout=120, what="every event applied")
         wait_for(settled, timeout=30, what="every message acked")
     finally:
