@@ -205,14 +205,9 @@ class VersionedReplicaListener(Listener):
         return outcome
 
     def handle_batch(self, events: Sequence[Event], ctxs: Sequence[Context]) -> list[BatchOutcome]:
-        keys = [self.replica_key(event) for event in events]
-        rows = (
-            self.model.objects.select_for_update()
-            .filter(pk__in=set(keys))
-            .order_by("pk")
-            .values_list("pk", self.version_field)
-        )
-        held: dict[Any, int] = dict(rows)
+        normalize = self.model._meta.pk.to_python
+        keys = [normalize(self.replica_key(event)) for event in events]
+        held = lock_versions(self.model, self.version_field, set(keys))
         existing = set(held)
         last: dict[Any, Event] = {}  # the last event applied per row: what the row must hold
         outcomes: list[BatchOutcome] = []
@@ -270,54 +265,63 @@ def _first(pair: tuple[Any, Any]) -> Any:
     return pair[0]
 
 
-def _values(fields: list[models.Field], objs: list[models.Model], *, add: bool) -> list[Any]:
-    params: list[Any] = []
-    for obj in objs:
-        for f in fields:
-            params.append(f.get_db_prep_save(f.pre_save(obj, add), connection))
-    return params
+# The set statements bind one array per column (``unnest``) instead of one placeholder per
+# value: the statement text stays the same whatever the batch size, so neither Django nor
+# psycopg spends per-value time parsing and rewriting thousands of placeholders.
 
 
-def _chunks(objs: list[models.Model], width: int) -> list[list[models.Model]]:
-    size = max(1, 30_000 // max(width, 1))  # far below PostgreSQL's 65,535 parameters per statement
-    return [objs[i : i + size] for i in range(0, len(objs), size)]
+def _columns(fields: list[models.Field], objs: list[models.Model], *, add: bool) -> list[list[Any]]:
+    return [[f.get_db_prep_save(f.pre_save(obj, add), connection) for obj in objs] for f in fields]
+
+
+def _unnest(fields: list[models.Field]) -> str:
+    qn = connection.ops.quote_name
+    arrays = ", ".join(f"%s::{f.cast_db_type(connection)}[]" for f in fields)
+    return f"unnest({arrays}) AS v ({', '.join(qn(f.column) for f in fields)})"
+
+
+def lock_versions(model: type[models.Model], version_field: str, keys: set[Any]) -> dict[Any, int]:
+    """``SELECT pk, version ... WHERE pk = ANY(keys) ORDER BY pk FOR UPDATE``: the held versions, rows locked."""
+    qn = connection.ops.quote_name
+    meta = model._meta
+    pk = meta.pk
+    version = meta.get_field(version_field)
+    table = qn(meta.db_table)
+    values = [pk.get_db_prep_value(key, connection) for key in sorted(keys)]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {qn(pk.column)}, {qn(version.column)} FROM {table} "  # noqa: S608 - names from the model
+            f"WHERE {qn(pk.column)} = ANY(%s::{pk.cast_db_type(connection)}[]) ORDER BY {qn(pk.column)} FOR UPDATE",
+            [values],
+        )
+        return {pk.to_python(key): held for key, held in cursor.fetchall()}
 
 
 def _insert_new(model: type[models.Model], fields: list[models.Field], objs: list[models.Model]) -> int:
     """INSERT ... ON CONFLICT DO NOTHING; returns how many rows were really inserted."""
     qn = connection.ops.quote_name
     columns = ", ".join(qn(f.column) for f in fields)
-    row = "(" + ", ".join(["%s"] * len(fields)) + ")"
-    inserted = 0
     with connection.cursor() as cursor:
-        for chunk in _chunks(objs, len(fields)):
-            cursor.execute(
-                f"INSERT INTO {qn(model._meta.db_table)} ({columns}) VALUES {', '.join([row] * len(chunk))} "  # noqa: S608 - names from the model, values bound
-                "ON CONFLICT DO NOTHING",
-                _values(fields, chunk, add=True),
-            )
-            inserted += cursor.rowcount
-    return inserted
+        cursor.execute(
+            f"INSERT INTO {qn(model._meta.db_table)} ({columns}) SELECT * FROM {_unnest(fields)} "  # noqa: S608 - names from the model, values bound
+            "ON CONFLICT DO NOTHING",
+            _columns(fields, objs, add=True),
+        )
+        return cursor.rowcount
 
 
 def _update_locked(model: type[models.Model], fields: list[models.Field], objs: list[models.Model]) -> int:
-    """UPDATE ... FROM (VALUES ...) of rows this transaction holds locked; ``fields[0]`` is the key."""
+    """UPDATE ... FROM unnest(...) of rows this transaction holds locked; ``fields[0]`` is the key."""
     qn = connection.ops.quote_name
     table = qn(model._meta.db_table)
-    row = "(" + ", ".join(f"%s::{f.cast_db_type(connection)}" for f in fields) + ")"
-    aliases = ", ".join(qn(f.column) for f in fields)
     assignments = ", ".join(f"{qn(f.column)} = v.{qn(f.column)}" for f in fields[1:])
     pk = qn(fields[0].column)
-    updated = 0
     with connection.cursor() as cursor:
-        for chunk in _chunks(objs, len(fields)):
-            cursor.execute(
-                f"UPDATE {table} SET {assignments} FROM (VALUES {', '.join([row] * len(chunk))}) "  # noqa: S608 - names from the model, values bound
-                f"AS v ({aliases}) WHERE {table}.{pk} = v.{pk}",
-                _values(fields, chunk, add=False),
-            )
-            updated += cursor.rowcount
-    return updated
+        cursor.execute(
+            f"UPDATE {table} SET {assignments} FROM {_unnest(fields)} WHERE {table}.{pk} = v.{pk}",  # noqa: S608 - names from the model, values bound
+            _columns(fields, objs, add=False),
+        )
+        return cursor.rowcount
 
 
 def describe(value: Any) -> str:

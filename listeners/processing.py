@@ -31,7 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import DataError, IntegrityError, transaction
+from django.db import DataError, IntegrityError, connection, transaction
 from django.utils import timezone
 
 from listeners.base import Context, Listener
@@ -296,10 +296,40 @@ def _failure(listener_cls: type[Listener], ctx: Context, delivery: Delivery, exc
 
 def _already_applied(deliveries: list[Delivery]) -> set[tuple[str, str]]:
     """(consumer, event id) of the batch already in the inbox: one query for the whole batch."""
-    consumers = {d.consumer for d in deliveries}
-    event_ids = {event_id_of(d) for d in deliveries}
-    rows = InboxEntry.objects.filter(consumer__in=consumers, event_id__in=event_ids).values_list("consumer", "event_id")
-    return set(rows)
+    consumers = sorted({d.consumer for d in deliveries})
+    event_ids = sorted({event_id_of(d) for d in deliveries})
+    with connection.cursor() as cursor:
+        # Arrays, not IN (...): one placeholder per list, whatever the batch size.
+        cursor.execute(
+            "SELECT consumer, event_id FROM listeners_inboxentry WHERE consumer = ANY(%s) AND event_id = ANY(%s)",
+            [consumers, event_ids],
+        )
+        return set(cursor.fetchall())
+
+
+def _failed(outcome: Any) -> bool:
+    return isinstance(outcome, BaseException)
+
+
+def _insert_inbox(done: list[tuple[_Item, str]]) -> None:
+    """The inbox rows of a set, in one INSERT, in application order (their ids follow it)."""
+    if not done:
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {InboxEntry._meta.db_table} "  # noqa: S608 - the model's table
+            "(consumer, event_id, subject, stream_sequence, outcome, processed_at) "
+            "SELECT c, e, s, q, o, %s FROM unnest(%s::varchar[], %s::varchar[], %s::varchar[], %s::bigint[], "
+            "%s::varchar[]) WITH ORDINALITY AS v (c, e, s, q, o, n) ORDER BY n",
+            [
+                timezone.now(),
+                [item.delivery.consumer for item, _ in done],
+                [item.event_id for item, _ in done],
+                [item.delivery.event_name for item, _ in done],
+                [item.delivery.stream_sequence for item, _ in done],
+                [outcome[:32] for _, outcome in done],
+            ],
+        )
 
 
 def _lock_key(item: _Item) -> tuple[str, str]:
@@ -327,19 +357,8 @@ def _apply_group(items: list[_Item], applied: set[tuple[str, str]]) -> None:
             outcomes = listener_cls().handle_batch([i.event for i in items], [i.ctx for i in items])  # type: ignore[misc]
             if len(outcomes) != len(items):
                 raise RuntimeError(f"handle_batch returned {len(outcomes)} outcomes for {len(items)} events")
-            InboxEntry.objects.bulk_create(
-                [
-                    InboxEntry(
-                        consumer=item.delivery.consumer,
-                        event_id=item.event_id,
-                        subject=item.delivery.event_name,
-                        stream_sequence=item.delivery.stream_sequence,
-                        outcome=(outcome or "applied")[:32],
-                    )
-                    for item, outcome in zip(items, outcomes, strict=True)
-                    if not isinstance(outcome, Exception)
-                ]
-            )
+            _insert_inbox([(item, outcome or "applied") for item, outcome in zip(items, outcomes, strict=True)
+                           if not _failed(outcome)])  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - the per-message path sorts out which event it was
         _ensure_committable(exc)
         logger.info(
@@ -354,7 +373,7 @@ def _apply_group(items: list[_Item], applied: set[tuple[str, str]]) -> None:
         return
     share = (time.perf_counter() - started) * 1000 / len(items)
     for item, outcome in zip(items, outcomes, strict=True):
-        if isinstance(outcome, Exception):
+        if _failed(outcome):
             item.decision = _handler_failed(listener_cls, item.ctx, item.delivery, applied, outcome)  # type: ignore[arg-type]
         else:
             applied.add((item.delivery.consumer, item.event_id))

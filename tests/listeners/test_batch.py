@@ -1,0 +1,180 @@
+"""The set-based path of a batch decides exactly what the per-message path would, with a fixed cost.
+
+``apply_batch`` hands the events of a :class:`VersionedReplicaListener` to ``handle_batch``
+(one locking SELECT, one INSERT, one UPDATE, one inbox INSERT); these tests hold it to
+the per-message path as the reference, on real PostgreSQL, and attack its fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import uuid
+from unittest import mock
+
+import psycopg
+import pytest
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
+
+from listeners.base import VersionedReplicaListener
+from listeners.handlers import TicketCreatedListener, TicketUpdatedListener
+from listeners.models import DeadLetter, InboxEntry, TicketReplica
+from listeners.processing import Delivery, apply_batch
+from tests import helpers
+from tests.listeners.conftest import REPLICA
+
+LISTENERS = {"ticket:created": TicketCreatedListener, "ticket:updated": TicketUpdatedListener}
+
+
+_ticket_of: dict[str, str] = {}
+
+
+def delivery(ticket_id: str, version: int, *, name: str | None = None, eid: str | None = None, **fields) -> Delivery:
+    name = name or ("ticket:created" if version == 0 else "ticket:updated")
+    body = {"id": ticket_id, "version": version, "title": f"{ticket_id} v{version}", "price": 10 + version,
+            "userId": "u1", **fields}  # fmt: skip
+    eid = eid or str(uuid.uuid4())
+    _ticket_of[eid] = ticket_id
+    return Delivery(
+        event_name=name,
+        data=json.dumps(body).encode(),
+        headers={"Nats-Msg-Id": eid, "aggregate-type": "ticket", "aggregate-id": ticket_id},
+        stream="T_TICKETS",
+        stream_sequence=1,
+        deliveries=1,
+        consumer=REPLICA,
+        listener=LISTENERS[name],
+    )
+
+
+class _Rollback(Exception):
+    pass
+
+
+def _state() -> tuple[dict, list]:
+    replicas = {
+        r.id: (r.version, r.title, str(r.price), r.user_id, r.order_id) for r in TicketReplica.objects.order_by("id")
+    }
+    # Order of application per ticket (the per-message path groups the batch by aggregate, the set
+    # path keeps stream order: the same order within each aggregate, which is what versions need).
+    inbox: dict[str, list] = {}
+    for eid, outcome in InboxEntry.objects.order_by("id").values_list("event_id", "outcome"):
+        inbox.setdefault(_ticket_of[eid], []).append((eid, outcome))
+    return replicas, inbox
+
+
+def _run(batch: list[Delivery], held: dict[str, int], *, per_message: bool) -> tuple[list, tuple]:
+    """Apply ``batch`` on top of replicas at ``held`` versions; return the decisions and the end state, undone."""
+    result: tuple[list, tuple] = ([], ({}, {}))
+    patch = mock.patch.object(VersionedReplicaListener, "batch_group", classmethod(lambda cls: None))
+    try:
+        with transaction.atomic():
+            for tid, version in held.items():
+                TicketReplica.objects.create(id=tid, title="old", price=1, user_id="u0", version=version)
+            if per_message:
+                with patch:
+                    decisions = apply_batch(batch)
+            else:
+                decisions = apply_batch(batch)
+            result = ([(d.action, d.outcome, d.delay) for d in decisions], _state())
+            raise _Rollback
+    except _Rollback:
+        pass
+    return result
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("seed", range(12))
+def test_set_based_batch_decides_and_writes_exactly_what_one_event_at_a_time_does(seed):
+    rng = random.Random(seed)
+    ids = ["a", "b", "c", "d"]
+    held = {tid: rng.randrange(0, 3) for tid in rng.sample(ids, rng.randrange(0, 3))}
+    batch: list[Delivery] = []
+    for _ in range(rng.randrange(5, 40)):
+        tid, version = rng.choice(ids), rng.randrange(0, 6)
+        name = rng.choice(["ticket:created", "ticket:updated"]) if version else "ticket:created"
+        order = {"orderId": f"o{version}"} if name == "ticket:updated" and rng.random() < 0.5 else {}
+        batch.append(delivery(tid, version, name=name, **order))
+        if rng.random() < 0.15:  # a second copy of an event, later in the same batch
+            batch.append(rng.choice(batch))
+
+    fast = _run(batch, held, per_message=False)
+    reference = _run(batch, held, per_message=True)
+
+    assert fast == reference
+    assert fast[0], "the batch produced decisions"
+
+
+@pytest.mark.django_db
+def test_a_mixed_batch_applies_in_stream_order_and_waits_on_gaps():
+    TicketReplica.objects.create(id="old", title="old", price=1, user_id="u0", version=5)
+    batch = [
+        delivery("t1", 0),
+        delivery("t1", 2),  # gap: holds 0
+        delivery("t1", 1),
+        delivery("t2", 1),  # an update of a ticket never created: gap
+        delivery("old", 5, name="ticket:updated"),  # stale
+        delivery("old", 6, orderId="o1"),
+        delivery("t1", 0),  # another event, same version: stale
+    ]
+
+    outcomes = [d.outcome for d in apply_batch(batch)]
+
+    assert outcomes == ["applied", "waiting", "applied", "waiting", "stale", "applied", "stale"]
+    assert dict(TicketReplica.objects.values_list("id", "version")) == {"t1": 1, "old": 6}
+    assert TicketReplica.objects.get(pk="old").order_id == "o1"
+    assert TicketReplica.objects.get(pk="t1").title == "t1 v1"
+    applied_order = list(InboxEntry.objects.order_by("id").values_list("event_id", flat=True))
+    expected = [batch[i].headers["Nats-Msg-Id"] for i in (0, 2, 4, 5, 6)]
+    assert applied_order == expected
+
+
+@pytest.mark.django_db
+def test_a_poison_event_sends_its_batch_down_the_per_message_path_and_the_rest_still_applies():
+    batch = [delivery("t1", 0), delivery("t2", 0, price=1e20), delivery("t1", 1), delivery("t3", 0, title="a\x00b")]
+
+    decisions = apply_batch(batch)
+
+    assert [d.outcome for d in decisions] == ["applied", "dead:data", "applied", "dead:data"]
+    assert dict(TicketReplica.objects.values_list("id", "version")) == {"t1": 1}
+    assert DeadLetter.objects.count() == 2
+    assert InboxEntry.objects.count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_row_created_by_another_process_after_the_lock_turns_into_a_per_message_decision():
+    """The set's INSERT meets a row another transaction created meanwhile: no overwrite, no lost event."""
+    other = psycopg.connect(helpers.test_database_url())
+    other.execute(
+        "INSERT INTO listeners_ticketreplica (id, title, price, user_id, version, updated_at) "
+        "VALUES ('c1', 'theirs', 1, 'u9', 1, now())"
+    )
+    # Committed while our INSERT waits on the uncommitted row: ON CONFLICT sees it after our lock.
+    timer = threading.Timer(1.0, other.commit)
+    timer.start()
+    try:
+        decisions = apply_batch([delivery("c1", 0), delivery("c2", 0)])
+    finally:
+        timer.join()
+        other.close()
+
+    assert [d.outcome for d in decisions] == ["stale", "applied"]
+    assert TicketReplica.objects.get(pk="c1").title == "theirs"
+    assert TicketReplica.objects.get(pk="c2").version == 0
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("size", [50, 500])
+def test_a_batch_of_replica_events_costs_a_fixed_number_of_statements(size):
+    TicketReplica.objects.bulk_create(
+        [TicketReplica(id=f"u{n}", title="x", price=1, user_id="u", version=0) for n in range(size // 2)]
+    )
+    batch = [delivery(f"u{n}", 1) for n in range(size // 2)] + [delivery(f"n{n}", 0) for n in range(size // 2)]
+    with CaptureQueriesContext(connection) as queries:
+        decisions = apply_batch(batch)
+    assert {d.outcome for d in decisions} == {"applied"}
+    # The batch's own transaction (a savepoint here, inside the test's), the inbox read, the set's
+    # SAVEPOINT, SELECT ... FOR UPDATE, INSERT new, UPDATE changed, INSERT inbox, two RELEASEs.
+    assert len(queries) <= 9, [q["sql"][:80] for q in queries]
