@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import logging
 import math
 import os
@@ -177,15 +178,16 @@ def _row(r: tuple, *, partition: int = -1) -> ClaimedRow:
 _HASH = "hashtextextended(o.aggregate_type || ':' || o.aggregate_id, 0)"
 
 #: One read-only statement. ``w``: the window (oldest pending rows of our partitions) with an
-#: ``ok`` flag per row; ``c``: the ok rows with no earlier not-ok row of their aggregate in the
-#: window, oldest first; then their columns, fetched by ctid. Aggregates are compared by a
-#: 64-bit hash: a collision can only hold a row back, never let one through.
+#: ``ok`` flag per row and ``mine`` for rows of our batches in flight; ``c``: the ok rows not in
+#: flight with no earlier not-ok row of their aggregate in the window, oldest first; then their
+#: columns, fetched by ctid. A row in flight counts as ok: the rows after it may be claimed,
+#: and the publisher chains them behind it (they go only if it and its chain were published).
+#: Aggregates are compared by a 64-bit hash: a collision can only hold a row back.
 _OWNED_CLAIM = f"""
 WITH w AS MATERIALIZED (
     SELECT s.tid, s.seq, s.h,
-           (s.ready
-            AND s.seq NOT IN (SELECT unnest(string_to_array(%(inflight)s, ',')::bigint[]))
-            AND s.h NOT IN (SELECT {_HASH} FROM {TABLE} o WHERE o.status = 'dead')) AS ok
+           s.ready AND s.h NOT IN (SELECT {_HASH} FROM {TABLE} o WHERE o.status = 'dead') AS ok,
+           s.seq IN (SELECT unnest(string_to_array(%(inflight)s, ',')::bigint[])) AS mine
     FROM (
         SELECT o.ctid AS tid, o.seq, {_HASH} AS h,
                (o.next_attempt_at <= %(now)s AND (o.lease_until IS NULL OR o.lease_until < %(now)s)) AS ready
@@ -196,7 +198,7 @@ WITH w AS MATERIALIZED (
     ) AS s
 ), c AS (
     SELECT w.tid, w.seq, w.h FROM w
-    WHERE w.ok AND NOT EXISTS (SELECT 1 FROM w AS b WHERE NOT b.ok AND b.h = w.h AND b.seq < w.seq)
+    WHERE w.ok AND NOT w.mine AND NOT EXISTS (SELECT 1 FROM w AS b WHERE NOT b.ok AND b.h = w.h AND b.seq < w.seq)
     ORDER BY w.seq
     LIMIT %(limit)s
 )
@@ -449,6 +451,12 @@ class JetStreamPublisher:
         self._next = 0
         self._waiting: dict[str, tuple[AckHandler, Any]] = {}
         self._sub: Any = None
+        #: Per aggregate, the last chain started for it: its completion (True when every row of
+        #: it was published) and the seq of its last row. A chain of a later batch whose rows
+        #: follow it starts once it is complete, and not at all when it failed. Completed chains
+        #: are forgotten; failed ones stay until a chain retries their rows (one entry per
+        #: aggregate with a failed or dead row).
+        self.tails: dict[tuple[str, str], tuple[asyncio.Future[bool], int]] = {}
         self.wire = (
             wire
             and isinstance(getattr(nc, "_pending", None), list)
@@ -458,36 +466,79 @@ class JetStreamPublisher:
 
     @classmethod
     async def for_client(cls, nc: NATS, *, wire: bool = True) -> JetStreamPublisher:
-        """The publisher of this connection (one reply subscription per connection)."""
-        publisher = _publishers.get(nc)
-        if publisher is None:
+        """The publisher of this connection (one reply subscription per connection).
+
+        Callers get it in the order they asked (they wait on the same future), so batches
+        submitted in order register their chains in order.
+        """
+        pending = _publishers.get(nc)
+        if pending is None:
+            pending = _publishers[nc] = asyncio.get_running_loop().create_future()
             publisher = cls(nc, wire=wire)
-            publisher._sub = await nc.subscribe(publisher._prefix + "*", cb=publisher._on_reply)
-            _publishers[nc] = publisher
-        elif not wire:
+            try:
+                publisher._sub = await nc.subscribe(publisher._prefix + "*", cb=publisher._on_reply)
+                if publisher.wire:
+                    publisher._take_replies_from_the_parser()
+            except BaseException as exc:
+                del _publishers[nc]
+                pending.set_exception(exc)
+                raise
+            pending.set_result(publisher)
+        publisher = await pending
+        if not wire:
             publisher.wire = False
         return publisher
 
     async def _on_reply(self, msg: Msg) -> None:
-        waiting = self._waiting.pop(msg.subject, None)
+        self._answer(msg.subject, msg.data, (msg.headers or {}).get("Status", ""))
+
+    def _answer(self, subject: str, data: bytes, status: str) -> None:
+        waiting = self._waiting.pop(subject, None)
         if waiting is None:
             return  # answered after it was given up on: the caller already counted it as failed
         handler, token = waiting
-        if not msg.data:
-            status = (msg.headers or {}).get("Status", "")
+        if not data:
             reason = "no JetStream stream for this subject" if status == "503" else "empty PubAck"
             handler(token, "", 0, f"{reason} (status {status or '?'})")
             return
         try:
-            ack = _decode_ack(msg.data)
+            ack = _decode_ack(data)
         except msgspec.DecodeError:
-            handler(token, "", 0, f"unreadable PubAck: {msg.data[:200]!r}")
+            handler(token, "", 0, f"unreadable PubAck: {data[:200]!r}")
             return
         if ack.error is not None:
             code = ack.error.get("err_code") or ack.error.get("code")
             handler(token, "", 0, f"JetStream refused the message ({code}): {ack.error.get('description', '')}")
             return
         handler(token, ack.stream, ack.seq, None)
+
+    def _take_replies_from_the_parser(self) -> None:
+        """Wire path: answer PubAcks straight from nats-py's protocol parser.
+
+        nats-py turns every incoming message into a ``Msg``, queues it to the subscription's
+        task and awaits the callback: a third of the relay's Python time per message. The
+        parser hands each message to ``Client._process_msg(sid, subject, reply, data,
+        headers)``; messages for our reply subscription are answered there and everything
+        else goes on as before. Installed only when that method has exactly this signature.
+        """
+        nc, sid = self._nc, getattr(self._sub, "_id", None)
+        original = getattr(nc, "_process_msg", None)
+        try:
+            params = list(inspect.signature(original).parameters) if original else []
+        except (TypeError, ValueError):
+            params = []
+        if sid is None or params != ["sid", "subject", "reply", "data", "headers"]:
+            return
+        answer = self._answer
+
+        async def _process_msg(msg_sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+            if msg_sid != sid:
+                return await original(msg_sid, subject, reply, data, headers)
+            status = headers[9:12].decode() if headers and not data else ""  # "NATS/1.0 503\r\n..."
+            answer(subject.decode(), data, status)
+            return None
+
+        nc._process_msg = _process_msg  # noqa: SLF001
 
     @property
     def connected(self) -> bool:
@@ -536,7 +587,7 @@ class JetStreamPublisher:
         self._waiting.pop(reply, None)
 
 
-_publishers: weakref.WeakKeyDictionary[NATS, JetStreamPublisher] = weakref.WeakKeyDictionary()
+_publishers: weakref.WeakKeyDictionary[NATS, asyncio.Future[JetStreamPublisher]] = weakref.WeakKeyDictionary()
 
 
 _RESERVED = frozenset({"Nats-Msg-Id", "aggregate-type", "aggregate-id", "aggregate-version"})
@@ -544,11 +595,12 @@ _good_names: set[str] = set()
 
 
 def _clean(value: Any) -> str:
+    """A header value as nats-py sends it: stripped, without CR/LF."""
     if type(value) is not str:
         value = "" if value is None else str(value)
-    if "\r" in value or "\n" in value:
-        value = value.translate(_NEWLINES)
-    return value.strip()
+    elif value.isprintable():  # the usual case: one pass in C, no CR/LF in it
+        return value.strip()
+    return value.translate(_NEWLINES).strip()
 
 
 def _header_block(row: ClaimedRow) -> bytes:
@@ -617,16 +669,31 @@ async def publish_rows(
     chains: dict[tuple[str, str], deque[ClaimedRow]] = {}
     for row in rows:
         chains.setdefault((row.aggregate_type, row.aggregate_id), deque()).append(row)
-    ready: deque[deque[ClaimedRow]] = deque(chains.values())  # chains whose next row may go now
+    ready: deque[deque[ClaimedRow]] = deque()  # chains whose next row may go now
     outstanding: dict[str, str] = {}  # row id -> reply subject, for rows sent and not answered
     sent: deque[tuple[float, ClaimedRow]] = deque()  # in send order, for the timeouts
     wake = asyncio.Event()
+    tails = publisher.tails
+    finishing: dict[tuple[str, str], asyncio.Future[bool]] = {}
+    waiting = 0  # chains waiting for an earlier batch's chain of their aggregate
+
+    def finish(key: tuple[str, str], ok: bool) -> None:
+        future = finishing.pop(key, None)
+        if future is not None:
+            future.set_result(ok)
+            tail = tails.get(key)
+            if ok and tail is not None and tail[0] is future:
+                del tails[key]
+
+    def skip(key: tuple[str, str]) -> None:
+        rest = chains.pop(key, None)
+        if rest:
+            result.skipped.extend(rest)
+        finish(key, False)
 
     def fail(row: ClaimedRow, error: str, permanent: bool = False) -> None:
         result.failed.append((row, error, permanent))
-        rest = chains.pop((row.aggregate_type, row.aggregate_id), None)
-        if rest:
-            result.skipped.extend(rest)
+        skip((row.aggregate_type, row.aggregate_id))
 
     def answered(row: ClaimedRow, stream: str, seq: int, error: str | None) -> None:
         if outstanding.pop(row.id, None) is None:
@@ -639,70 +706,104 @@ async def publish_rows(
                 ready.append(chain)
             elif chain is not None:
                 del chains[key]
+                finish(key, True)
         else:
             fail(row, error)
         wake.set()
 
-    while True:
-        if ready:
-            now = loop.time()
-            connected = publisher.connected
-            while ready:
-                row = ready.popleft().popleft()
-                reply = ""
-                try:
-                    subject = subjects[row.subject]
-                    if not connected:
-                        raise PublishError("not connected to NATS")
-                    header = _header_block(row)
-                    publisher.check_size(header, row.body)
-                    # Registered before sending: the answer may come while a send yields.
-                    reply = outstanding[row.id] = publisher.reserve(answered, row)
-                    if publisher.wire:
-                        publisher.queue(subject, reply, row.body, header)
-                    else:
-                        await publisher.send(subject, reply, row.body, _message_headers(row))
-                except (PublishRejected, UnknownSubjectError) as exc:
-                    fail(row, str(exc), True)
-                    continue
-                except Exception as exc:  # noqa: BLE001 - connection-level failure: the row is retried
-                    if reply:
-                        publisher.forget(reply)
-                        outstanding.pop(row.id, None)
-                    fail(row, f"{type(exc).__name__}: {exc}")
-                    continue
-                sent.append((now, row))
-            try:
-                await publisher.flush()
-            except Exception as exc:  # noqa: BLE001 - the connection broke under us
-                for reply in outstanding.values():
-                    publisher.forget(reply)
-                unanswered = [r for _, r in sent if r.id in outstanding]
-                outstanding.clear()
-                for row in unanswered:
-                    fail(row, f"{type(exc).__name__}: {exc}")
-        if not outstanding:
+    def after(key: tuple[str, str], previous: asyncio.Future[bool]) -> None:
+        nonlocal waiting
+        waiting -= 1
+        if key in chains:
+            if not previous.cancelled() and previous.result():
+                ready.append(chains[key])
+            else:
+                skip(key)  # the rows before these were not all published: these must wait
+        wake.set()
+
+    # Register every chain before the first await: batches started in order chain in order.
+    for key, chain in list(chains.items()):
+        tail = tails.get(key)
+        finishing[key] = future = loop.create_future()
+        tails[key] = (future, chain[-1].seq)
+        if tail is None or chain[0].seq <= tail[1]:
+            ready.append(chain)  # nothing of the aggregate before it, or it retries what failed there
+        elif not tail[0].done():
+            waiting += 1
+            tail[0].add_done_callback(partial(after, key))
+        elif not tail[0].cancelled() and tail[0].result():
+            ready.append(chain)
+        else:
+            skip(key)
+
+    try:
+        while True:
             if ready:
-                continue
-            for rest in chains.values():  # nothing left in flight: account for every row
-                result.skipped.extend(rest)
-            return result
-        while sent[0][1].id not in outstanding:
-            sent.popleft()  # answered
-        wake.clear()
-        delay = sent[0][0] + timeout - loop.time()
-        if delay > 0 and not ready:
-            try:
-                await asyncio.wait_for(wake.wait(), delay)
-            except TimeoutError:
-                pass
-        now = loop.time()
-        while sent and sent[0][0] + timeout <= now:
-            _sent_at, row = sent.popleft()
-            reply = outstanding.pop(row.id, None)
-            if reply is not None:
-                publisher.forget(reply)
-                fail(row, f"no PubAck within {timeout:.1f}s")
+                now = loop.time()
+                connected = publisher.connected
+                while ready:
+                    row = ready.popleft().popleft()
+                    reply = ""
+                    try:
+                        subject = subjects[row.subject]
+                        if not connected:
+                            raise PublishError("not connected to NATS")
+                        header = _header_block(row)
+                        publisher.check_size(header, row.body)
+                        # Registered before sending: the answer may come while a send yields.
+                        reply = outstanding[row.id] = publisher.reserve(answered, row)
+                        if publisher.wire:
+                            publisher.queue(subject, reply, row.body, header)
+                        else:
+                            await publisher.send(subject, reply, row.body, _message_headers(row))
+                    except (PublishRejected, UnknownSubjectError) as exc:
+                        fail(row, str(exc), True)
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - connection-level failure: the row is retried
+                        if reply:
+                            publisher.forget(reply)
+                            outstanding.pop(row.id, None)
+                        fail(row, f"{type(exc).__name__}: {exc}")
+                        continue
+                    sent.append((now, row))
+                try:
+                    await publisher.flush()
+                except Exception as exc:  # noqa: BLE001 - the connection broke under us
+                    for reply in outstanding.values():
+                        publisher.forget(reply)
+                    unanswered = [r for _, r in sent if r.id in outstanding]
+                    outstanding.clear()
+                    for row in unanswered:
+                        fail(row, f"{type(exc).__name__}: {exc}")
+            if not outstanding:
+                if ready:
+                    continue
+                if waiting:
+                    # Only chains behind another batch's are left. That batch bounds its own waits.
+                    wake.clear()
+                    await wake.wait()
+                    continue
+                return result
+            while sent[0][1].id not in outstanding:
+                sent.popleft()  # answered
+            wake.clear()
+            delay = sent[0][0] + timeout - loop.time()
+            if delay > 0 and not ready:
+                try:
+                    await asyncio.wait_for(wake.wait(), delay)
+                except TimeoutError:
+                    pass
+            now = loop.time()
+            while sent and sent[0][0] + timeout <= now:
+                _sent_at, row = sent.popleft()
+                reply = outstanding.pop(row.id, None)
+                if reply is not None:
+                    publisher.forget(reply)
+                    fail(row, f"no PubAck within {timeout:.1f}s")
+    finally:
+        # Normally every chain is finished by now; when cancelled, the chains behind ours must not wait.
+        for key in list(finishing):
+            skip(key)
 
 
 # --- mark -----------------------------------------------------------------------------
@@ -933,7 +1034,8 @@ class Relay:
     def _start(self, owner: str, owned: bool, rows: list[ClaimedRow]) -> _Batch:
         started_at = time.perf_counter()
         longest = max(map(len, _chains(rows).values()))
-        timeout = self.conf.PUBLISH_TIMEOUT * (longest + 1) + 5
+        # A chain may wait for the chains of earlier batches in flight before its own turn.
+        timeout = self.conf.PUBLISH_TIMEOUT * (longest + 1) * max(1, self.conf.PIPELINE_DEPTH) + 5
         try:
             if not self._streams_ready:
                 self.ensure_streams()

@@ -141,7 +141,7 @@ def test_a_mark_is_refused_once_the_session_that_held_the_partitions_has_ended()
 # --- the claim ------------------------------------------------------------------------
 
 
-def test_the_claim_takes_each_aggregate_in_version_order_and_leaves_in_flight_aggregates_alone():
+def test_the_claim_takes_each_aggregate_in_version_order_and_never_returns_rows_in_flight():
     insert_ticket_events(aggregates=3, per_aggregate=4)
     rows = claim(limit=100)
     by_aggregate = defaultdict(list)
@@ -149,10 +149,37 @@ def test_the_claim_takes_each_aggregate_in_version_order_and_leaves_in_flight_ag
         by_aggregate[row.aggregate_id].append(row.aggregate_version)
     assert all(v == [0, 1, 2, 3] for v in by_aggregate.values()), by_aggregate
     assert [r.seq for r in rows] == sorted(r.seq for r in rows)
-    # Rows of a batch in flight are not claimable, and neither is anything after them.
-    first = [r for r in rows if r.aggregate_id == rows[0].aggregate_id]
-    again = claim(limit=100, inflight=str(first[0].seq))
-    assert {r.aggregate_id for r in again} == set(by_aggregate) - {rows[0].aggregate_id}
+    # A row of a batch in flight is not claimed again; the rows after it may be (the publisher
+    # chains them behind it), but nothing after a row that is not due.
+    head = rows[0]
+    again = claim(limit=100, inflight=str(head.seq))
+    assert head.id not in {r.id for r in again}
+    assert [r.aggregate_version for r in again if r.aggregate_id == head.aggregate_id] == [1, 2, 3]
+    OutboxEvent.objects.filter(pk=head.id).update(next_attempt_at=timezone.now() + timedelta(minutes=5))
+    later = claim(limit=100, inflight=str(head.seq))
+    assert head.aggregate_id not in {r.aggregate_id for r in later}
+
+
+def test_a_chain_in_a_later_batch_waits_for_the_earlier_batch_and_is_skipped_when_it_failed():
+    insert_ticket_events(aggregates=2, per_aggregate=2, interleave=False)
+    rows = claim(limit=100)
+    x0, y0, x1, y1 = rows  # seq order: the first versions, then the second ones
+    x0.headers = {"bad header": "x"}  # refused before sending: its chain fails
+    relay = Relay()
+    relay.ensure_streams()
+
+    async def two_batches(nc):
+        publisher = await relay_module.JetStreamPublisher.for_client(nc)
+        return await asyncio.gather(
+            relay_module.publish_rows(publisher, [x0, y0], timeout=5),
+            relay_module.publish_rows(publisher, [x1, y1], timeout=5),
+        )
+
+    first, second = relay.broker.result(relay.broker.submit_client(two_batches), timeout=30)
+    assert [r.id for r, _, _ in first.published] == [y0.id]
+    assert [r.id for r, _, _ in second.published] == [y1.id], "y1 goes once y0 is in"
+    assert [r.id for r in second.skipped] == [x1.id], "x1 must not go out without x0"
+    assert [m["data"]["version"] for m in read_stream_fast(TICKETS)] == [0, 1]
 
 
 def test_a_row_backing_off_or_leased_holds_back_its_own_aggregate_only():
