@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from django.db import connection, models
+from django.utils import timezone
 
 from listeners.errors import NotYet
 from outbox.contracts import Contract, Event, registry
@@ -60,8 +61,11 @@ class Listener:
     group: ClassVar[str] = ""
     #: Seconds JetStream waits for an ack before redelivering.
     ack_wait: ClassVar[float] = 30.0
-    #: Deliveries before a failing event is dead-lettered.
+    #: Deliveries before a failing event is dead-lettered (counted by the listener, not the server).
     max_deliver: ClassVar[int] = 20
+    #: Deliveries an event may wait for a missing earlier version (about 20 minutes at gap_delay_max)
+    #: before it is dead-lettered: crashes and slow producers must not turn a gap into a dead letter.
+    max_gap_deliveries: ClassVar[int] = 240
     #: Redelivery delays (seconds) after a handler error, by delivery count; the last one repeats.
     backoff: ClassVar[tuple[float, ...]] = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
     #: Redelivery delay while waiting for a missing earlier version; doubles, capped at gap_delay_max.
@@ -266,18 +270,57 @@ def _first(pair: tuple[Any, Any]) -> Any:
 
 
 # The set statements bind one array per column (``unnest``) instead of one placeholder per
-# value: the statement text stays the same whatever the batch size, so neither Django nor
-# psycopg spends per-value time parsing and rewriting thousands of placeholders.
+# value, so the statement text does not grow with the batch; a column whose value is the
+# same on every row (``updated_at``, the consumer, the outcome ...) is bound once, as a
+# scalar. They run on a server-binding cursor: the arrays travel as parameters instead of
+# being quoted into the SQL text in Python (the slowest step of a batch, measured).
 
 
-def _columns(fields: list[models.Field], objs: list[models.Model], *, add: bool) -> list[list[Any]]:
-    return [[f.get_db_prep_save(f.pre_save(obj, add), connection) for obj in objs] for f in fields]
+def set_cursor():
+    """A Django cursor (error translation, query logging) that binds parameters on the server."""
+    from django.db.backends.postgresql.base import ServerBindingCursor
+
+    connection.ensure_connection()
+    return connection._prepare_cursor(ServerBindingCursor(connection.connection))
 
 
-def _unnest(fields: list[models.Field]) -> str:
+def rows_source(columns: list[tuple[str, str, list[Any]]], *, varying: int = 1) -> tuple[list[str], str, list[Any]]:
+    """Rows given column by column, as SQL: (an expression per column, the FROM clause, the parameters).
+
+    ``columns`` are (column name, SQL type, values); the first ``varying`` ones are always
+    unnested (the key: it keeps the row count). The expressions read ``v.<column>`` or a
+    scalar placeholder; the parameters are in the order the caller's SQL mentions them:
+    the expressions first, then the FROM clause.
+    """
     qn = connection.ops.quote_name
-    arrays = ", ".join(f"%s::{f.cast_db_type(connection)}[]" for f in fields)
-    return f"unnest({arrays}) AS v ({', '.join(qn(f.column) for f in fields)})"
+    exprs: list[str] = []
+    scalars: list[Any] = []
+    names: list[str] = []
+    arrays: list[str] = []
+    unnested: list[Any] = []
+    for index, (column, sql_type, values) in enumerate(columns):
+        first = values[0]
+        if index >= varying and all(v == first and type(v) is type(first) for v in values):
+            exprs.append(f"%s::{sql_type}")
+            scalars.append(first)
+        else:
+            exprs.append(f"v.{qn(column)}")
+            names.append(qn(column))
+            arrays.append(f"%s::{sql_type}[]")
+            unnested.append(values)
+    return exprs, f"unnest({', '.join(arrays)}) WITH ORDINALITY AS v ({', '.join(names)}, _n)", scalars + unnested
+
+
+def _columns(fields: list[models.Field], objs: list[models.Model], *, add: bool) -> list[tuple[str, str, list[Any]]]:
+    now = timezone.now()
+    columns = []
+    for f in fields:
+        if getattr(f, "auto_now", False) or (add and getattr(f, "auto_now_add", False)):
+            values = [f.get_db_prep_save(now, connection)] * len(objs)  # one instant for the whole statement
+        else:
+            values = [f.get_db_prep_save(f.pre_save(obj, add), connection) for obj in objs]
+        columns.append((f.column, f.cast_db_type(connection), values))
+    return columns
 
 
 def lock_versions(model: type[models.Model], version_field: str, keys: set[Any]) -> dict[Any, int]:
@@ -286,11 +329,10 @@ def lock_versions(model: type[models.Model], version_field: str, keys: set[Any])
     meta = model._meta
     pk = meta.pk
     version = meta.get_field(version_field)
-    table = qn(meta.db_table)
     values = [pk.get_db_prep_value(key, connection) for key in sorted(keys)]
-    with connection.cursor() as cursor:
+    with set_cursor() as cursor:
         cursor.execute(
-            f"SELECT {qn(pk.column)}, {qn(version.column)} FROM {table} "  # noqa: S608 - names from the model
+            f"SELECT {qn(pk.column)}, {qn(version.column)} FROM {qn(meta.db_table)} "  # noqa: S608 - names from the model
             f"WHERE {qn(pk.column)} = ANY(%s::{pk.cast_db_type(connection)}[]) ORDER BY {qn(pk.column)} FOR UPDATE",
             [values],
         )
@@ -300,12 +342,12 @@ def lock_versions(model: type[models.Model], version_field: str, keys: set[Any])
 def _insert_new(model: type[models.Model], fields: list[models.Field], objs: list[models.Model]) -> int:
     """INSERT ... ON CONFLICT DO NOTHING; returns how many rows were really inserted."""
     qn = connection.ops.quote_name
-    columns = ", ".join(qn(f.column) for f in fields)
-    with connection.cursor() as cursor:
+    exprs, source, params = rows_source(_columns(fields, objs, add=True))
+    with set_cursor() as cursor:
         cursor.execute(
-            f"INSERT INTO {qn(model._meta.db_table)} ({columns}) SELECT * FROM {_unnest(fields)} "  # noqa: S608 - names from the model, values bound
-            "ON CONFLICT DO NOTHING",
-            _columns(fields, objs, add=True),
+            f"INSERT INTO {qn(model._meta.db_table)} ({', '.join(qn(f.column) for f in fields)}) "  # noqa: S608 - names from the model, values bound
+            f"SELECT {', '.join(exprs)} FROM {source} ORDER BY v._n ON CONFLICT DO NOTHING",
+            params,
         )
         return cursor.rowcount
 
@@ -314,12 +356,13 @@ def _update_locked(model: type[models.Model], fields: list[models.Field], objs: 
     """UPDATE ... FROM unnest(...) of rows this transaction holds locked; ``fields[0]`` is the key."""
     qn = connection.ops.quote_name
     table = qn(model._meta.db_table)
-    assignments = ", ".join(f"{qn(f.column)} = v.{qn(f.column)}" for f in fields[1:])
     pk = qn(fields[0].column)
-    with connection.cursor() as cursor:
+    exprs, source, params = rows_source(_columns(fields, objs, add=False))
+    assignments = ", ".join(f"{qn(f.column)} = {expr}" for f, expr in zip(fields[1:], exprs[1:], strict=True))
+    with set_cursor() as cursor:
         cursor.execute(
-            f"UPDATE {table} SET {assignments} FROM {_unnest(fields)} WHERE {table}.{pk} = v.{pk}",  # noqa: S608 - names from the model, values bound
-            _columns(fields, objs, add=False),
+            f"UPDATE {table} SET {assignments} FROM {source} WHERE {table}.{pk} = v.{pk}",  # noqa: S608 - names from the model, values bound
+            params,
         )
         return cursor.rowcount
 

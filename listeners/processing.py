@@ -31,10 +31,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import DataError, IntegrityError, connection, transaction
+from django.db import DataError, IntegrityError, transaction
 from django.utils import timezone
 
-from listeners.base import Context, Listener
+from listeners.base import Context, Listener, rows_source, set_cursor
 from listeners.errors import NotYet, PermanentFailure, TransactionBroken
 from listeners.models import DeadLetter, DeadLetterStatus, InboxEntry
 from outbox import event_context
@@ -48,7 +48,7 @@ _FALLBACK_NS = uuid.UUID("6f1c1d8e-4a4e-4b8f-9d7e-5c2f0a9b1e11")
 EVENT_ID_MAX = 64
 
 
-@dataclass
+@dataclass(slots=True)
 class Delivery:
     """One message as received, independent of nats-py."""
 
@@ -257,7 +257,7 @@ def _handler_failed(
             return Decision(ACK, "duplicate")
         return _failure(listener_cls, ctx, delivery, exc)
     if isinstance(exc, NotYet):
-        if ctx.deliveries >= listener_cls.max_deliver:
+        if ctx.deliveries >= listener_cls.max_gap_deliveries:
             _dead_letter(delivery, ctx.event_id, f"gave up waiting after {ctx.deliveries} deliveries: {exc}")
             return Decision(TERM, "dead:gap", error=str(exc))
         return Decision(NAK, "waiting", delay=listener_cls.gap_retry_delay(ctx.deliveries), error=str(exc))
@@ -298,10 +298,11 @@ def _already_applied(deliveries: list[Delivery]) -> set[tuple[str, str]]:
     """(consumer, event id) of the batch already in the inbox: one query for the whole batch."""
     consumers = sorted({d.consumer for d in deliveries})
     event_ids = sorted({event_id_of(d) for d in deliveries})
-    with connection.cursor() as cursor:
-        # Arrays, not IN (...): one placeholder per list, whatever the batch size.
+    with set_cursor() as cursor:
+        # Arrays, not IN (...): one parameter per list, whatever the batch size.
         cursor.execute(
-            "SELECT consumer, event_id FROM listeners_inboxentry WHERE consumer = ANY(%s) AND event_id = ANY(%s)",
+            f"SELECT consumer, event_id FROM {InboxEntry._meta.db_table} "  # noqa: S608 - the model's table
+            "WHERE consumer = ANY(%s::varchar[]) AND event_id = ANY(%s::varchar[])",
             [consumers, event_ids],
         )
         return set(cursor.fetchall())
@@ -315,20 +316,23 @@ def _insert_inbox(done: list[tuple[_Item, str]]) -> None:
     """The inbox rows of a set, in one INSERT, in application order (their ids follow it)."""
     if not done:
         return
-    with connection.cursor() as cursor:
+    now = timezone.now()
+    exprs, source, params = rows_source(
+        [
+            ("event_id", "varchar", [item.event_id for item, _ in done]),
+            ("consumer", "varchar", [item.delivery.consumer for item, _ in done]),
+            ("subject", "varchar", [item.delivery.event_name for item, _ in done]),
+            ("stream_sequence", "bigint", [item.delivery.stream_sequence for item, _ in done]),
+            ("outcome", "varchar", [outcome[:32] for _, outcome in done]),
+            ("processed_at", "timestamptz", [now] * len(done)),
+        ]
+    )
+    with set_cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {InboxEntry._meta.db_table} "  # noqa: S608 - the model's table
-            "(consumer, event_id, subject, stream_sequence, outcome, processed_at) "
-            "SELECT c, e, s, q, o, %s FROM unnest(%s::varchar[], %s::varchar[], %s::varchar[], %s::bigint[], "
-            "%s::varchar[]) WITH ORDINALITY AS v (c, e, s, q, o, n) ORDER BY n",
-            [
-                timezone.now(),
-                [item.delivery.consumer for item, _ in done],
-                [item.event_id for item, _ in done],
-                [item.delivery.event_name for item, _ in done],
-                [item.delivery.stream_sequence for item, _ in done],
-                [outcome[:32] for _, outcome in done],
-            ],
+            "(event_id, consumer, subject, stream_sequence, outcome, processed_at) "
+            f"SELECT {', '.join(exprs)} FROM {source} ORDER BY v._n",
+            params,
         )
 
 

@@ -59,6 +59,8 @@ _DURABLE_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 CRASH_AFTER_COMMIT_ENV = "LISTENERS_TEST_CRASH_AFTER_COMMIT"
 #: Upper bound of the pause between two attempts at a batch the database refused.
 BATCH_RETRY_MAX = 5.0
+#: Bound on the wait for the answer to a ``no_wait`` pull (the server answers at once).
+NO_WAIT_TIMEOUT = 2.0
 
 
 def durable_slug(text: str) -> str:
@@ -74,6 +76,8 @@ class ConsumerPlan:
     listeners: dict[str, type[Listener]]
     ack_wait: float
     max_deliver: int
+    #: NATS subject -> event name, a cache of :func:`event_name_from_subject` (it reads the settings).
+    event_names: dict[str, str] = field(default_factory=dict)
 
 
 def plan_consumers(
@@ -209,7 +213,10 @@ class ListenerRunner:
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=plan.ack_wait,
-            max_deliver=plan.max_deliver,
+            # Unlimited on the server: the listener counts deliveries and dead-letters the message
+            # itself. A server-side limit drops a message *silently* when its last delivery lands
+            # on a process that dies before acking (found by the soak: SIGKILLs burn deliveries).
+            max_deliver=-1,
             max_ack_pending=max(1000, self.batch * 4),
         )
         if plan.filter_subjects and len(plan.filter_subjects) == 1:
@@ -285,7 +292,7 @@ class ListenerRunner:
                 if self.max_messages is not None:
                     want = max(1, min(want, self.max_messages - self.stats.handled))
                 try:
-                    msgs = await psub.fetch(want, timeout=self.fetch_timeout)
+                    msgs = await self._fetch(psub, want)
                 except nats.errors.TimeoutError:
                     continue
                 except asyncio.CancelledError:
@@ -311,6 +318,50 @@ class ListenerRunner:
                 self._last_activity = time.monotonic()
         finally:
             await self._hand_back(psub, plan)
+
+    async def _fetch(self, psub, want: int) -> list[Msg]:
+        """What the stream holds now (up to ``want``) at once; when it holds nothing, wait for the next message.
+
+        ``psub.fetch(n)`` on an idle consumer leaves a pull for ``n`` open and, once the
+        first message arrives, waits for the other ``n - 1`` until its timeout: a lone
+        event would sit up to ``fetch_timeout`` before being applied. Here a busy stream
+        is pulled with ``no_wait`` (a full batch when there is one, less when there is
+        not), and an idle one with a pull for ONE message, which returns on arrival;
+        whatever else arrived meanwhile joins it.
+        """
+        msgs = await self._available(psub, want)
+        if msgs is None:  # a client without the attributes used below: its own fetch
+            return await psub.fetch(want, timeout=self.fetch_timeout)
+        if msgs:
+            return msgs
+        msgs = await psub.fetch(1, timeout=self.fetch_timeout)
+        if want > 1:
+            msgs += await self._available(psub, want - len(msgs)) or []
+        return msgs
+
+    async def _available(self, psub, want: int) -> list[Msg] | None:
+        """One ``no_wait`` pull: the messages the consumer can deliver right now, at most ``want``."""
+        sub, subject, inbox = getattr(psub, "_sub", None), getattr(psub, "_nms", None), getattr(psub, "_deliver", None)
+        if not hasattr(sub, "_pending_queue") or not subject or not inbox or self.nc is None:
+            return None
+        await self.nc.publish(subject, _pull_request(want), reply=inbox)
+        queue = sub._pending_queue
+        msgs: list[Msg] = []
+        try:
+            while len(msgs) < want:
+                if queue.empty():
+                    msg = await sub.next_msg(timeout=NO_WAIT_TIMEOUT)
+                else:  # what next_msg does, without a task and a timer per message
+                    msg = queue.get_nowait()
+                    sub._pending_size -= len(msg.data)
+                    queue.task_done()
+                if msg.headers and msg.headers.get("Status"):
+                    # 404 no messages / 408 expired / 409 ...: this pull (or an older one) is over.
+                    break
+                msgs.append(msg)
+        except nats.errors.TimeoutError:
+            pass  # what did not arrive in time stays queued for the next pull
+        return msgs
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake at once when asked to stop."""
@@ -343,20 +394,23 @@ class ListenerRunner:
             logger.info("listener.handed_back durable=%s messages=%d", plan.durable, returned)
 
     async def _process(self, plan: ConsumerPlan, msgs: list[Msg]) -> None:
+        names = plan.event_names  # NATS subject -> event name, filled as subjects are met
         deliveries = []
         for msg in msgs:
             meta = msg.metadata
-            name = event_name_from_subject(msg.subject)
+            name = names.get(msg.subject)
+            if name is None:
+                name = names[msg.subject] = event_name_from_subject(msg.subject)
             deliveries.append(
                 Delivery(
-                    event_name=name,
-                    data=msg.data or b"",
-                    headers=dict(msg.headers or {}),
-                    stream=meta.stream,
-                    stream_sequence=meta.sequence.stream,
-                    deliveries=meta.num_delivered,
-                    consumer=plan.durable,
-                    listener=plan.listeners.get(name),
+                    name,
+                    msg.data or b"",
+                    msg.headers or {},  # read-only below: no copy
+                    meta.stream,
+                    meta.sequence.stream,
+                    meta.num_delivered,
+                    plan.durable,
+                    plan.listeners.get(name),
                 )
             )
         decisions = await self._apply_until_committed(plan, msgs, deliveries)
@@ -366,15 +420,20 @@ class ListenerRunner:
         if self._crash_after and self._batches >= self._crash_after:
             logger.critical("listener.fault_injection %s: SIGKILL after commit, before ack", CRASH_AFTER_COMMIT_ENV)
             os.kill(os.getpid(), signal.SIGKILL)
+        stats = self.stats
         for msg, decision in zip(msgs, decisions, strict=True):
-            if decision.action == ACK:
-                await _safe(msg.ack())
-            elif decision.action == NAK:
-                await _safe(msg.nak(delay=decision.delay))
-            elif decision.action == TERM:
-                await _safe(msg.term())
-            if decision.action != NAK:
-                self.stats.add(decision)
+            action = decision.action
+            try:
+                if action == ACK:
+                    await msg.ack()
+                elif action == NAK:
+                    await msg.nak(delay=decision.delay)
+                elif action == TERM:
+                    await msg.term()
+            except Exception as exc:  # noqa: BLE001 - an ack lost to a reconnect means a redelivery the inbox absorbs
+                logger.debug("listener.ack_failed error=%s", exc)
+            if action != NAK:
+                stats.add(decision)
 
     async def _apply_until_committed(
         self, plan: ConsumerPlan, msgs: list[Msg], deliveries: list[Delivery]
@@ -407,6 +466,10 @@ class ListenerRunner:
                 for msg in msgs:
                     await _safe(msg.in_progress())
                 await self._pause(min(0.2 * 2 ** min(attempt, 10), BATCH_RETRY_MAX))
+
+
+def _pull_request(batch: int) -> bytes:
+    return b'{"batch":%d,"no_wait":true}' % batch
 
 
 def _crash_after_commit() -> int:
