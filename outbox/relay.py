@@ -1136,15 +1136,23 @@ class Relay:
         on_batch: Any = None,
         stop: Callable[[], bool] | None = None,
     ) -> BatchReport:
-        """Run pipelined batches until nothing is claimable, NATS fails, the budget is spent or ``stop()``."""
-        if _postgres():
+        """Run pipelined batches until nothing is claimable, NATS fails, the budget is spent or ``stop()``.
+
+        Inside a caller's transaction (or on SQLite) everything runs on this thread's session:
+        other sessions could not see the caller's uncommitted rows.
+        """
+        if _postgres() and not connection.in_atomic_block:
             return self._drain_sessions(time_budget=time_budget, on_batch=on_batch, stop=stop)
-        return self._drain_serial(time_budget=time_budget, on_batch=on_batch, stop=stop)
+        self._join()
+        try:
+            return self._drain_serial(time_budget=time_budget, on_batch=on_batch, stop=stop)
+        finally:
+            self._leave()
 
     def _drain_serial(
         self, *, time_budget: float | None, on_batch: Any, stop: Callable[[], bool] | None
     ) -> BatchReport:
-        """One session: batch N+1 is claimed while N is on the wire, then N is marked (SQLite)."""
+        """One session: batch N+1 is claimed while N is on the wire, then N is marked."""
         total = BatchReport()
         deadline = time.monotonic() + time_budget if time_budget else None
         depth = max(1, self.conf.PIPELINE_DEPTH)
@@ -1155,6 +1163,10 @@ class Relay:
             while True:
                 while not stopping and len(inflight) < depth and not (blocked and inflight):
                     batch = self._claim(inflight, exhaustive=not inflight)
+                    if batch is None and not inflight and self._owned():
+                        with _cursor() as cur:  # take every free partition (relays that left), look again
+                            self._partitions.rebalance(cur, busy=set(), greedy=True)
+                        batch = self._claim(inflight, exhaustive=True)
                     blocked = batch is None
                     if batch is None:
                         break

@@ -335,12 +335,16 @@ def test_lease_mode_drops_rows_after_a_hole_in_their_chain():
     assert released == ["r2"]
 
 
-def test_run_batch_inside_a_transaction_block_still_publishes_and_releases_its_partitions():
-    insert_ticket_events(aggregates=2, per_aggregate=2)
+def test_inside_a_transaction_block_the_relay_sees_and_marks_the_callers_uncommitted_rows():
     with transaction.atomic():
-        report = Relay().run_batch()
-    assert report.published == 4
+        insert_ticket_events(aggregates=30, per_aggregate=4)
+        report = Relay(conf=conf(BATCH_SIZE=20)).drain()
+        assert report.published == 120
+        assert not OutboxEvent.objects.exclude(status="published").exists()
+        insert_ticket_events(aggregates=2, per_aggregate=2)
+        assert Relay().run_batch().published == 4
     assert advisory_locks() == 0
+    assert_stream_matches_outbox(read_stream_fast(TICKETS))
 
 
 def test_no_relay_leaves_partition_locks_behind_after_drain_or_run_batch():
