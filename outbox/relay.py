@@ -1,35 +1,36 @@
-"""The relay: claim -> publish -> mark. The design and its proofs are in docs/relay.md.
+"""The relay: claim -> publish -> mark. The design and why it keeps its promises: docs/relay.md.
 
-1. **Claim** (one short statement; no transaction stays open). Take pending rows in
+1. **Claim** (one read-only statement; no transaction stays open). Take pending rows in
    ``seq`` order from a bounded *window* at the front of the queue. A row is claimable
-   when it is due, not leased by anyone, not in one of our batches still in flight,
-   its aggregate has no dead row, and *no earlier row of its aggregate in the window*
-   fails any of that. Every earlier unfinished row of an aggregate is in the window
-   (the window is a prefix of the queue, in ``seq`` order), so the claimed rows of an
-   aggregate are exactly the next ones due, in version order: no anti-join over the
-   table, no scan of published history.
+   when it is due, not leased by anyone, its aggregate has no dead row, no earlier row of
+   its aggregate in the window fails any of that, and it is not already in one of our
+   batches in flight. Every earlier unfinished row of an aggregate is in the window (the
+   window is a prefix of the queue, in ``seq`` order), so the claimed rows of an aggregate
+   are the next ones due, in version order: no anti-join over the table, no scan of
+   published history.
 
    Who may claim what, on PostgreSQL (``OWNERSHIP = "partitions"``, the default): the
-   aggregates are hashed into 64 partitions and a relay claims only from partitions it
-   holds a session-level advisory lock on, so two relays never hold the same aggregate
-   and the claim itself writes nothing. A relay holds about 1/n of the partitions when n
-   relays run (it checks every ``REBALANCE_SECONDS``); its session ending (crash, kill,
-   lost connection) releases them at once. The mark is fenced by a token stored in the
-   session, so a relay whose session was replaced cannot write. With
-   ``OWNERSHIP = "leases"`` (and always on SQLite) claims are serialised and every
-   claimed row is leased (``lease_until``/``lease_owner``); the mark is fenced by the
-   lease owner and a crashed relay's rows come back when their lease expires.
+   aggregates are hashed into 64 partitions and a relay claims only from partitions its
+   session holds an advisory lock on, so two relays never hold the same aggregate and
+   the claim writes nothing. A relay holds about 1/n of the partitions when n relays run
+   (rebalanced every ``REBALANCE_SECONDS``); its session ending (crash, kill, lost
+   connection) releases them at once. Marks are fenced by that session being alive. With
+   ``OWNERSHIP = "leases"`` (and always on SQLite) claims are serialised and every claimed
+   row is leased (``lease_until``/``lease_owner``); marks are fenced by the lease owner and
+   a crashed relay's rows come back when their leases expire.
 2. **Publish** (no transaction open). Each aggregate's rows form a chain: its next row
    goes out when the PubAck of the previous one is in, so at most one message per
-   aggregate is unacknowledged and a stream never holds version N+1 without N. Chains
-   of different aggregates are pipelined. ``Nats-Msg-Id`` is the event id; a duplicate
-   PubAck counts as success. A failure ends the chain; its later rows are skipped.
+   aggregate is unacknowledged and a stream never holds version N+1 without N. Chains of
+   different aggregates are pipelined, and a chain that continues an aggregate of an
+   earlier batch in flight starts only once that batch's chain was published entirely.
+   ``Nats-Msg-Id`` is the event id; a duplicate PubAck counts as success. A failure ends
+   the chain; its later rows are not attempted.
 3. **Mark** (one statement per outcome). Published rows get their stream sequence;
    failed rows get attempts, last_error and a backoff, or become dead.
 
-:meth:`Relay.drain` keeps ``PIPELINE_DEPTH`` batches in flight: batch N+1 is claimed
-while N is on the wire and N-1 is being marked. Batches are aggregate-disjoint: a claim
-treats the rows of in-flight batches as not claimable, which blocks their aggregates.
+:meth:`Relay.drain` keeps ``PIPELINE_DEPTH`` batches claimed and not yet marked; on
+PostgreSQL claims and marks run on two worker sessions while the calling thread holds
+the partitions.
 """
 
 from __future__ import annotations
@@ -1141,6 +1142,8 @@ class Relay:
         Inside a caller's transaction (or on SQLite) everything runs on this thread's session:
         other sessions could not see the caller's uncommitted rows.
         """
+        if not OutboxEvent.objects.filter(status="pending", next_attempt_at__lte=timezone.now()).exists():
+            return BatchReport()  # an idle poll: no locks taken, no session opened
         if _postgres() and not connection.in_atomic_block:
             return self._drain_sessions(time_budget=time_budget, on_batch=on_batch, stop=stop)
         self._join()
