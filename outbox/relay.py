@@ -108,6 +108,9 @@ class ClaimedRow:
     aggregate_version: int | None
     attempts: int
     partition: int = -1
+    #: The row follows, in its aggregate, a row of one of our batches still in flight: it may go
+    #: only after that batch's chain of the aggregate was published entirely.
+    follows: bool = False
 
 
 @dataclass
@@ -181,8 +184,9 @@ _HASH = "hashtextextended(o.aggregate_type || ':' || o.aggregate_id, 0)"
 #: One read-only statement. ``w``: the window (oldest pending rows of our partitions) with an
 #: ``ok`` flag per row and ``mine`` for rows of our batches in flight; ``c``: the ok rows not in
 #: flight with no earlier not-ok row of their aggregate in the window, oldest first; then their
-#: columns, fetched by ctid. A row in flight counts as ok: the rows after it may be claimed,
-#: and the publisher chains them behind it (they go only if it and its chain were published).
+#: columns, fetched by ctid. A row in flight counts as ok: the rows after it may be claimed
+#: (``follows``: the aggregate has a row in flight, necessarily an earlier one), and the
+#: publisher chains them behind it (they go only if its chain was published entirely).
 #: Aggregates are compared by a 64-bit hash: a collision can only hold a row back.
 _OWNED_CLAIM = f"""
 WITH w AS MATERIALIZED (
@@ -204,7 +208,8 @@ WITH w AS MATERIALIZED (
     LIMIT %(limit)s
 )
 SELECT o.id::text, o.seq, o.subject, o.payload::text, o.headers::text, o.aggregate_type, o.aggregate_id,
-       o.aggregate_version, o.attempts, (c.h & {PARTITIONS - 1})::int
+       o.aggregate_version, o.attempts, (c.h & {PARTITIONS - 1})::int,
+       c.h IN (SELECT m.h FROM w AS m WHERE m.mine) AS follows
 FROM c JOIN {TABLE} o ON o.ctid = c.tid
 ORDER BY c.seq
 """  # noqa: S608 - table name and constants only
@@ -220,7 +225,12 @@ def _claim_owned(
     )
     params = {"now": timezone.now(), "inflight": inflight, "limit": limit, "window": window, "partitions": partitions}
     cur.execute(sql, params)
-    return [_row(r, partition=r[9]) for r in cur.fetchall()]
+    rows = []
+    for r in cur.fetchall():
+        row = _row(r, partition=r[9])
+        row.follows = r[10]
+        rows.append(row)
+    return rows
 
 
 class _Partitions:
@@ -452,12 +462,7 @@ class JetStreamPublisher:
         self._next = 0
         self._waiting: dict[str, tuple[AckHandler, Any]] = {}
         self._sub: Any = None
-        #: Per aggregate, the last chain started for it: its completion (True when every row of
-        #: it was published) and the seq of its last row. A chain of a later batch whose rows
-        #: follow it starts once it is complete, and not at all when it failed. Completed chains
-        #: are forgotten; failed ones stay until a chain retries their rows (one entry per
-        #: aggregate with a failed or dead row).
-        self.tails: dict[tuple[str, str], tuple[asyncio.Future[bool], int]] = {}
+
         self.wire = (
             wire
             and isinstance(getattr(nc, "_pending", None), list)
@@ -591,6 +596,48 @@ class JetStreamPublisher:
 _publishers: weakref.WeakKeyDictionary[NATS, asyncio.Future[JetStreamPublisher]] = weakref.WeakKeyDictionary()
 
 
+class _Tails:
+    """Per aggregate, the completion of the last chain started for it on this event loop
+    (True when every row of it was published), kept ``KEEP`` seconds after it was started.
+
+    A chain of a later batch that follows it (claimed while it was in flight) waits for it, and
+    goes only if it was published entirely. The claim of such a chain runs while its predecessor
+    is in flight, so it registers within a claim's time of it; later, the record is gone and the
+    chain is skipped (safe: its rows stay pending and a later claim takes them in order).
+    """
+
+    KEEP = 120.0
+
+    def __init__(self) -> None:
+        self._chains: dict[tuple[str, str], tuple[asyncio.Future[bool], float]] = {}
+
+    def get(self, key: tuple[str, str]) -> asyncio.Future[bool] | None:
+        entry = self._chains.get(key)
+        return entry[0] if entry else None
+
+    def put(self, key: tuple[str, str], future: asyncio.Future[bool], now: float) -> None:
+        self._chains.pop(key, None)  # re-insert: the dict stays in order of registration
+        self._chains[key] = (future, now)
+
+    def prune(self, now: float) -> None:
+        chains = self._chains
+        while chains:
+            key, (future, registered) = next(iter(chains.items()))
+            if not future.done() or registered + self.KEEP > now:
+                return
+            del chains[key]
+
+
+_loop_tails: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Tails] = weakref.WeakKeyDictionary()
+
+
+def _tails_of(loop: asyncio.AbstractEventLoop) -> _Tails:
+    tails = _loop_tails.get(loop)
+    if tails is None:
+        tails = _loop_tails[loop] = _Tails()
+    return tails
+
+
 _RESERVED = frozenset({"Nats-Msg-Id", "aggregate-type", "aggregate-id", "aggregate-version"})
 _good_names: set[str] = set()
 
@@ -674,7 +721,7 @@ async def publish_rows(
     outstanding: dict[str, str] = {}  # row id -> reply subject, for rows sent and not answered
     sent: deque[tuple[float, ClaimedRow]] = deque()  # in send order, for the timeouts
     wake = asyncio.Event()
-    tails = publisher.tails
+    tails = _tails_of(loop)
     finishing: dict[tuple[str, str], asyncio.Future[bool]] = {}
     waiting = 0  # chains waiting for an earlier batch's chain of their aggregate
 
@@ -682,9 +729,6 @@ async def publish_rows(
         future = finishing.pop(key, None)
         if future is not None:
             future.set_result(ok)
-            tail = tails.get(key)
-            if ok and tail is not None and tail[0] is future:
-                del tails[key]
 
     def skip(key: tuple[str, str]) -> None:
         rest = chains.pop(key, None)
@@ -723,16 +767,21 @@ async def publish_rows(
         wake.set()
 
     # Register every chain before the first await: batches started in order chain in order.
+    # A chain that follows one in flight waits for it; when in any doubt (no record of it: it
+    # was never registered here, or long ago) it does not go: its rows stay pending for later.
+    tails.prune(loop.time())
     for key, chain in list(chains.items()):
         tail = tails.get(key)
         finishing[key] = future = loop.create_future()
-        tails[key] = (future, chain[-1].seq)
-        if tail is None or chain[0].seq <= tail[1]:
-            ready.append(chain)  # nothing of the aggregate before it, or it retries what failed there
-        elif not tail[0].done():
+        tails.put(key, future, loop.time())
+        if not chain[0].follows:
+            ready.append(chain)  # every earlier row of the aggregate is published
+        elif tail is None:
+            skip(key)
+        elif not tail.done():
             waiting += 1
-            tail[0].add_done_callback(partial(after, key))
-        elif not tail[0].cancelled() and tail[0].result():
+            tail.add_done_callback(partial(after, key))
+        elif not tail.cancelled() and tail.result():
             ready.append(chain)
         else:
             skip(key)

@@ -162,8 +162,10 @@ def test_the_claim_takes_each_aggregate_in_version_order_and_never_returns_rows_
 
 def test_a_chain_in_a_later_batch_waits_for_the_earlier_batch_and_is_skipped_when_it_failed():
     insert_ticket_events(aggregates=2, per_aggregate=2, interleave=False)
-    rows = claim(limit=100)
-    x0, y0, x1, y1 = rows  # seq order: the first versions, then the second ones
+    x0, y0 = claim(limit=2)  # seq order: the first versions, then the second ones
+    x1, y1 = claim(limit=100, inflight=f"{x0.seq},{y0.seq}")
+    assert (x1.aggregate_id, y1.aggregate_id) == (x0.aggregate_id, y0.aggregate_id)
+    assert x1.follows and y1.follows and not x0.follows
     x0.headers = {"bad header": "x"}  # refused before sending: its chain fails
     relay = Relay()
     relay.ensure_streams()
@@ -180,6 +182,22 @@ def test_a_chain_in_a_later_batch_waits_for_the_earlier_batch_and_is_skipped_whe
     assert [r.id for r, _, _ in second.published] == [y1.id], "y1 goes once y0 is in"
     assert [r.id for r in second.skipped] == [x1.id], "x1 must not go out without x0"
     assert [m["data"]["version"] for m in read_stream_fast(TICKETS)] == [0, 1]
+
+
+def test_a_chain_that_follows_rows_the_publisher_knows_nothing_about_does_not_go():
+    insert_ticket_events(aggregates=1, per_aggregate=2)
+    (x0,) = claim(limit=1)
+    (x1,) = claim(limit=100, inflight=str(x0.seq))
+    assert x1.follows
+    relay = Relay()
+    relay.ensure_streams()
+
+    async def orphan(nc):
+        publisher = await relay_module.JetStreamPublisher.for_client(nc)
+        return await relay_module.publish_rows(publisher, [x1], timeout=5)
+
+    result = relay.broker.result(relay.broker.submit_client(orphan), timeout=30)
+    assert not result.published and [r.id for r in result.skipped] == [x1.id]
 
 
 def test_a_row_backing_off_or_leased_holds_back_its_own_aggregate_only():
