@@ -325,6 +325,9 @@ def _columns(fields: list[models.Field], objs: list[models.Model], *, add: bool)
 
 def lock_versions(model: type[models.Model], version_field: str, keys: set[Any]) -> dict[Any, int]:
     """``SELECT pk, version ... WHERE pk = ANY(keys) ORDER BY pk FOR UPDATE``: the held versions, rows locked."""
+    if connection.vendor != "postgresql":  # SQLite (the demo): the ORM; the write lock serialises anyway
+        rows = model.objects.select_for_update().filter(pk__in=keys).order_by("pk").values_list("pk", version_field)
+        return dict(rows)
     qn = connection.ops.quote_name
     meta = model._meta
     pk = meta.pk
@@ -341,6 +344,10 @@ def lock_versions(model: type[models.Model], version_field: str, keys: set[Any])
 
 def _insert_new(model: type[models.Model], fields: list[models.Field], objs: list[models.Model]) -> int:
     """INSERT ... ON CONFLICT DO NOTHING; returns how many rows were really inserted."""
+    if connection.vendor != "postgresql":
+        before = model.objects.filter(pk__in=[o.pk for o in objs]).count()
+        model.objects.bulk_create(objs, ignore_conflicts=True)
+        return model.objects.filter(pk__in=[o.pk for o in objs]).count() - before
     qn = connection.ops.quote_name
     exprs, source, params = rows_source(_columns(fields, objs, add=True))
     with set_cursor() as cursor:
@@ -354,6 +361,11 @@ def _insert_new(model: type[models.Model], fields: list[models.Field], objs: lis
 
 def _update_locked(model: type[models.Model], fields: list[models.Field], objs: list[models.Model]) -> int:
     """UPDATE ... FROM unnest(...) of rows this transaction holds locked; ``fields[0]`` is the key."""
+    if connection.vendor != "postgresql":  # SQLite (the demo): one UPDATE per row, auto_now included
+        return sum(
+            model.objects.filter(pk=obj.pk).update(**{f.attname: f.pre_save(obj, False) for f in fields[1:]})
+            for obj in objs
+        )
     qn = connection.ops.quote_name
     table = qn(model._meta.db_table)
     pk = qn(fields[0].column)

@@ -298,6 +298,12 @@ def _already_applied(deliveries: list[Delivery]) -> set[tuple[str, str]]:
     """(consumer, event id) of the batch already in the inbox: one query for the whole batch."""
     consumers = sorted({d.consumer for d in deliveries})
     event_ids = sorted({event_id_of(d) for d in deliveries})
+    if transaction.get_connection().vendor != "postgresql":  # SQLite (the demo): the portable query
+        return set(
+            InboxEntry.objects.filter(consumer__in=consumers, event_id__in=event_ids).values_list(
+                "consumer", "event_id"
+            )
+        )
     with set_cursor() as cursor:
         # Arrays, not IN (...): one parameter per list, whatever the batch size.
         cursor.execute(
@@ -393,6 +399,7 @@ def apply_batch(deliveries: list[Delivery]) -> list[Decision]:
     """
     with transaction.atomic():
         applied = _already_applied(deliveries)
+        postgres = transaction.get_connection().vendor == "postgresql"
         items = [_prepare(d, applied) for d in deliveries]
         groups: dict[Any, list[_Item]] = {}
         single: list[_Item] = []
@@ -407,7 +414,8 @@ def apply_batch(deliveries: list[Delivery]) -> list[Decision]:
                 later.append(item)
                 continue
             claimed.add(key)
-            group = item.delivery.listener.batch_group()  # type: ignore[union-attr]
+            # The set path binds arrays on a PostgreSQL cursor; elsewhere (SQLite) every message goes alone.
+            group = item.delivery.listener.batch_group() if postgres else None  # type: ignore[union-attr]
             if group is None:
                 single.append(item)
             else:
