@@ -36,6 +36,16 @@ def check_outbox_settings(app_configs=None, **kwargs):  # noqa: ARG001
                 id="outbox.W001",
             )
         )
+    if conf.OWNERSHIP not in {"partitions", "leases"}:
+        errors.append(
+            Error(
+                f"OUTBOX['OWNERSHIP'] is {conf.OWNERSHIP!r}.",
+                hint="Use 'partitions' (default) or 'leases' (behind a transaction-pooling proxy).",
+                id="outbox.E008",
+            )
+        )
+    if conf.PIPELINE_DEPTH < 1:
+        errors.append(Error("OUTBOX['PIPELINE_DEPTH'] must be at least 1.", id="outbox.E009"))
     if conf.STREAM_STORAGE not in {"file", "memory"}:
         errors.append(Error("OUTBOX['STREAM_STORAGE'] must be 'file' or 'memory'.", id="outbox.E005"))
     if conf.STREAM_REPLICAS not in {1, 2, 3, 4, 5}:

@@ -197,8 +197,15 @@ for _key, _type in {
     "DUPLICATE_WINDOW": float,
     "TASK_TIME_BUDGET": float,
     "RETENTION": float,
+    "PIPELINE_DEPTH": int,
+    "REBALANCE_SECONDS": float,
+    "OWNERSHIP": str,
+    "WIRE_PUBLISH": bool,
 }.items():
     if os.environ.get(f"OUTBOX_{_key}"):
+        if _type is bool:
+            OUTBOX[_key] = env_bool(f"OUTBOX_{_key}", True)
+            continue
         try:
             OUTBOX[_key] = _type(os.environ[f"OUTBOX_{_key}"])
         except ValueError:

@@ -140,6 +140,9 @@ def test_outbox_streams_with_nats_unreachable_is_a_one_line_error():
         ({"DEBUG": "maybe"}, "DEBUG='maybe' is not a boolean"),
         ({"DJANGO_DEV": "", "SECRET_KEY": ""}, "SECRET_KEY is not set"),
         ({"DATABASE_URL": "nosuchdb://x"}, "nosuchdb"),
+        ({"OUTBOX_OWNERSHIP": "shared"}, "outbox.E008"),
+        ({"OUTBOX_PIPELINE_DEPTH": "0"}, "outbox.E009"),
+        ({"OUTBOX_WIRE_PUBLISH": "perhaps"}, "OUTBOX_WIRE_PUBLISH='perhaps' is not a boolean"),
     ],
 )
 def test_bad_configuration_is_a_clear_message_at_start_up_not_a_traceback_loop(env, expected):
