@@ -18,8 +18,8 @@ from django.test import override_settings
 from outbox.models import OutboxEvent
 from outbox.streams import stream_name
 from tests.cluster import NatsCluster
-from tests.faults.harness import Stack, after_progress, applied, published
-from tests.helpers import PYTHON, ROOT, PrivateRedis, free_port, subprocess_env, wait_for
+from tests.faults.harness import Stack, after_progress, applied, fault_env, published
+from tests.helpers import PYTHON, ROOT, PrivateRedis, free_port, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
 
@@ -79,23 +79,9 @@ class ClusterStack(Stack):
 
 def cluster_env(nats_url: str, **extra: str) -> dict[str, str]:
     """The fault suite's tuning for child processes, pointed at a cluster, streams with three replicas."""
-    env = subprocess_env(
-        NATS_URL=nats_url,
-        OUTBOX_STREAM_REPLICAS=REPLICAS,
-        OUTBOX_LEASE_SECONDS="2",
-        OUTBOX_PUBLISH_TIMEOUT="2",
-        OUTBOX_BACKOFF_BASE="0.2",
-        OUTBOX_BACKOFF_MAX="2",
-        OUTBOX_SWEEP_INTERVAL="1",
-        OUTBOX_TASK_TIME_BUDGET="5",
-        # A leader election answers "no responders" at once, so attempts go fast; with the fault
-        # suite's 2 s backoff cap, 12 attempts would last ~17 s, which a slow election may exceed.
-        OUTBOX_MAX_ATTEMPTS="40",
-        CONN_MAX_AGE="0",
-    )
-    env["DATABASE_URL"] += "?application_name=faults-process"
-    env.update(extra)
-    return env
+    # A leader election answers "no responders" at once, so attempts go fast; with the fault
+    # suite's 2 s backoff cap, 12 attempts would last ~17 s, which a slow election may exceed.
+    return fault_env(nats_url, **{"OUTBOX_STREAM_REPLICAS": REPLICAS, "OUTBOX_MAX_ATTEMPTS": "40", **extra})
 
 
 def cluster_settings(cluster: NatsCluster):

@@ -21,6 +21,24 @@ def scaled(quick: int, soak: int) -> int:
     return soak if SOAK else quick
 
 
+def fault_env(nats_url: str, **extra: str) -> dict[str, str]:
+    """Child-process environment of the fault scenarios: short leases, timeouts and backoff, so
+    recoveries happen in seconds; every process tagged so the suite can terminate its sessions."""
+    env = subprocess_env(
+        NATS_URL=nats_url,
+        OUTBOX_LEASE_SECONDS="2",
+        OUTBOX_PUBLISH_TIMEOUT="2",
+        OUTBOX_BACKOFF_BASE="0.2",
+        OUTBOX_BACKOFF_MAX="2",
+        OUTBOX_SWEEP_INTERVAL="1",
+        OUTBOX_TASK_TIME_BUDGET="5",
+        CONN_MAX_AGE="0",
+    )
+    env["DATABASE_URL"] += "?application_name=faults-process"
+    env.update(extra)
+    return env
+
+
 @dataclass
 class Stack:
     tmp: Path
@@ -35,20 +53,7 @@ class Stack:
     def __post_init__(self) -> None:
         self.nats = PrivateNats(store=self.tmp / "nats").start()
         self.redis = PrivateRedis().start()
-        base = subprocess_env(
-            NATS_URL=self.nats.url,
-            CELERY_BROKER_URL=self.redis.url,
-            OUTBOX_LEASE_SECONDS="2",
-            OUTBOX_PUBLISH_TIMEOUT="2",
-            OUTBOX_BACKOFF_BASE="0.2",
-            OUTBOX_BACKOFF_MAX="2",
-            OUTBOX_SWEEP_INTERVAL="1",
-            OUTBOX_TASK_TIME_BUDGET="5",
-            CONN_MAX_AGE="0",
-        )
-        base["DATABASE_URL"] += "?application_name=faults-process"
-        base.update(self.env_extra)
-        self.env = base
+        self.env = fault_env(self.nats.url, CELERY_BROKER_URL=self.redis.url, **self.env_extra)
 
     def log(self, name: str) -> Path:
         self._logs += 1
