@@ -66,3 +66,30 @@ def test_checker_catches_an_event_lost_from_the_stream(healthy):
 def test_checker_catches_a_change_without_its_event(healthy):
     OutboxEvent.objects.filter(aggregate_id=str(healthy[0].id), aggregate_version=1).delete()
     assert "event_per_change" in verify().breaches
+
+
+def test_checker_catches_versions_out_of_order_in_the_stream_and_says_where_each_sits():
+    import json
+    import os
+
+    from outbox.streams import ensure_streams, nats_subject
+
+    ticket = ticket_create(title="T", price="1", user_id="u")
+    ticket_update(ticket_id=ticket.id, expected_version=0, price="2")
+    v1 = OutboxEvent.objects.get(aggregate_id=str(ticket.id), aggregate_version=1)
+
+    async def publish_v1_first() -> None:
+        nc = await nats.connect(os.environ["NATS_URL"])
+        await ensure_streams(nc.jetstream())
+        await nc.jetstream().publish(
+            nats_subject(v1.subject), json.dumps(v1.payload).encode(), headers={"Nats-Msg-Id": str(v1.id)}
+        )
+        await nc.close()
+
+    asyncio.run(publish_v1_first())
+    Relay().drain()  # v0 goes in after v1; v1 is a duplicate of what is already there
+    details = verify().breaches["stream_order"]
+    assert details == [
+        f"ticket {ticket.id} entered the stream as versions [1, 0]: "
+        "v1 at seq 1 (PubAck said 1) before v0 at seq 2 (PubAck said 2)"
+    ]

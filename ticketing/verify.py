@@ -138,17 +138,28 @@ def verify(*, allow_stream_duplicates: bool = False, consumer: str | None = None
                 "lost_in_stream", f"{r['subject']} {r['aggregate_id']} v{r['aggregate_version']} ({event_id})"
             )
     first_seen: set[str] = set()
-    stream_versions: dict[str, list[int]] = defaultdict(list)
-    for _seq, _name, headers, data in messages:
+    stream_versions: dict[str, list[tuple[int, int, str]]] = defaultdict(list)  # (version, stream seq, event id)
+    for seq, _name, headers, data in messages:
         event_id = headers.get("Nats-Msg-Id", "")
         if event_id in first_seen:
             continue
         first_seen.add(event_id)
         body = json.loads(data)
-        stream_versions[str(body.get("id"))].append(int(body.get("version", -1)))
+        stream_versions[str(body.get("id"))].append((int(body.get("version", -1)), seq, event_id))
     for aggregate_id, seen in stream_versions.items():
-        if any(b <= a for a, b in zip(seen, seen[1:], strict=False)):
-            report.breach("stream_order", f"ticket {aggregate_id} entered the stream as versions {seen}")
+        swaps = [(a, b) for a, b in zip(seen, seen[1:], strict=False) if b[0] <= a[0]]
+        if swaps:
+            # Where each copy sits in the stream, and the sequence the relay recorded from its PubAck:
+            # tells a relay that sent out of order from a stream that lost or moved a message.
+            def at(entry: tuple[int, int, str]) -> str:
+                marked = by_id.get(entry[2], {}).get("stream_sequence")
+                return f"v{entry[0]} at seq {entry[1]} (PubAck said {marked})"
+
+            where = "; ".join(f"{at(a)} before {at(b)}" for a, b in swaps[:3])
+            report.breach(
+                "stream_order",
+                f"ticket {aggregate_id} entered the stream as versions {[v for v, _, _ in seen]}: {where}",
+            )
 
     # 4. The replica equals the source.
     replicas = {r.id: r for r in TicketReplica.objects.all()}
