@@ -108,9 +108,10 @@ class ClaimedRow:
     aggregate_version: int | None
     attempts: int
     partition: int = -1
-    #: The row follows, in its aggregate, a row of one of our batches still in flight: it may go
-    #: only after that batch's chain of the aggregate was published entirely.
-    follows: bool = False
+    #: The ``seq`` of the row this one follows in its aggregate when that row is in one of our
+    #: batches still in flight (None: every earlier row of the aggregate is published). It may go
+    #: only after the chain that ends with that very row was published entirely.
+    after: int | None = None
 
 
 @dataclass
@@ -185,8 +186,8 @@ _HASH = "hashtextextended(o.aggregate_type || ':' || o.aggregate_id, 0)"
 #: ``ok`` flag per row and ``mine`` for rows of our batches in flight; ``c``: the ok rows not in
 #: flight with no earlier not-ok row of their aggregate in the window, oldest first; then their
 #: columns, fetched by ctid. A row in flight counts as ok: the rows after it may be claimed
-#: (``follows``: the aggregate has a row in flight, necessarily an earlier one), and the
-#: publisher chains them behind it (they go only if its chain was published entirely).
+#: (``after``: the aggregate's last row in flight, necessarily an earlier one), and the
+#: publisher chains them behind it (they go only if the chain ending there was published entirely).
 #: Aggregates are compared by a 64-bit hash: a collision can only hold a row back.
 _OWNED_CLAIM = f"""
 WITH w AS MATERIALIZED (
@@ -209,7 +210,7 @@ WITH w AS MATERIALIZED (
 )
 SELECT o.id::text, o.seq, o.subject, o.payload::text, o.headers::text, o.aggregate_type, o.aggregate_id,
        o.aggregate_version, o.attempts, (c.h & {PARTITIONS - 1})::int,
-       c.h IN (SELECT m.h FROM w AS m WHERE m.mine) AS follows
+       (SELECT max(m.seq) FROM w AS m WHERE m.mine AND m.h = c.h) AS after
 FROM c JOIN {TABLE} o ON o.ctid = c.tid
 ORDER BY c.seq
 """  # noqa: S608 - table name and constants only
@@ -228,7 +229,7 @@ def _claim_owned(
     rows = []
     for r in cur.fetchall():
         row = _row(r, partition=r[9])
-        row.follows = r[10]
+        row.after = r[10]
         rows.append(row)
     return rows
 
@@ -597,32 +598,35 @@ _publishers: weakref.WeakKeyDictionary[NATS, asyncio.Future[JetStreamPublisher]]
 
 
 class _Tails:
-    """Per aggregate, the completion of the last chain started for it on this event loop
-    (True when every row of it was published), kept ``KEEP`` seconds after it was started.
+    """Per aggregate, the last chain started for it on this event loop: the ``seq`` of its last
+    row and its completion (True when every row of it was published), kept ``KEEP`` seconds.
 
-    A chain of a later batch that follows it (claimed while it was in flight) waits for it, and
-    goes only if it was published entirely. The claim of such a chain runs while its predecessor
-    is in flight, so it registers within a claim's time of it; later, the record is gone and the
-    chain is skipped (safe: its rows stay pending and a later claim takes them in order).
+    A chain of a later batch claimed while its predecessor was in flight names that row
+    (``ClaimedRow.after``). It waits for the chain that ends with exactly that row, and goes only
+    if that chain was published entirely. Any other record (an older chain of the aggregate, when
+    the batch holding the predecessor never reached the publisher; none, long after) means the
+    predecessor's fate is unknown here: the chain is skipped, its rows stay pending and a later
+    claim takes them in order.
     """
 
     KEEP = 120.0
 
     def __init__(self) -> None:
-        self._chains: dict[tuple[str, str], tuple[asyncio.Future[bool], float]] = {}
+        self._chains: dict[tuple[str, str], tuple[int, asyncio.Future[bool], float]] = {}
 
-    def get(self, key: tuple[str, str]) -> asyncio.Future[bool] | None:
+    def get(self, key: tuple[str, str], last_seq: int) -> asyncio.Future[bool] | None:
+        """The completion of the chain of ``key`` that ended with row ``last_seq``, if it is the last one on record."""
         entry = self._chains.get(key)
-        return entry[0] if entry else None
+        return entry[1] if entry and entry[0] == last_seq else None
 
-    def put(self, key: tuple[str, str], future: asyncio.Future[bool], now: float) -> None:
+    def put(self, key: tuple[str, str], last_seq: int, future: asyncio.Future[bool], now: float) -> None:
         self._chains.pop(key, None)  # re-insert: the dict stays in order of registration
-        self._chains[key] = (future, now)
+        self._chains[key] = (last_seq, future, now)
 
     def prune(self, now: float) -> None:
         chains = self._chains
         while chains:
-            key, (future, registered) = next(iter(chains.items()))
+            key, (_seq, future, registered) = next(iter(chains.items()))
             if not future.done() or registered + self.KEEP > now:
                 return
             del chains[key]
@@ -767,14 +771,16 @@ async def publish_rows(
         wake.set()
 
     # Register every chain before the first await: batches started in order chain in order.
-    # A chain that follows one in flight waits for it; when in any doubt (no record of it: it
-    # was never registered here, or long ago) it does not go: its rows stay pending for later.
+    # A chain that follows one in flight waits for it; when in any doubt (no record of the chain
+    # ending with its predecessor: that batch never reached the publisher, or long ago) it does
+    # not go: its rows stay pending for later.
     tails.prune(loop.time())
     for key, chain in list(chains.items()):
-        tail = tails.get(key)
+        predecessor = chain[0].after
+        tail = None if predecessor is None else tails.get(key, predecessor)
         finishing[key] = future = loop.create_future()
-        tails.put(key, future, loop.time())
-        if not chain[0].follows:
+        tails.put(key, chain[-1].seq, future, loop.time())
+        if predecessor is None:
             ready.append(chain)  # every earlier row of the aggregate is published
         elif tail is None:
             skip(key)

@@ -165,7 +165,7 @@ def test_a_chain_in_a_later_batch_waits_for_the_earlier_batch_and_is_skipped_whe
     x0, y0 = claim(limit=2)  # seq order: the first versions, then the second ones
     x1, y1 = claim(limit=100, inflight=f"{x0.seq},{y0.seq}")
     assert (x1.aggregate_id, y1.aggregate_id) == (x0.aggregate_id, y0.aggregate_id)
-    assert x1.follows and y1.follows and not x0.follows
+    assert (x1.after, y1.after, x0.after) == (x0.seq, y0.seq, None)
     x0.headers = {"bad header": "x"}  # refused before sending: its chain fails
     relay = Relay()
     relay.ensure_streams()
@@ -188,7 +188,7 @@ def test_a_chain_that_follows_rows_the_publisher_knows_nothing_about_does_not_go
     insert_ticket_events(aggregates=1, per_aggregate=2)
     (x0,) = claim(limit=1)
     (x1,) = claim(limit=100, inflight=str(x0.seq))
-    assert x1.follows
+    assert x1.after == x0.seq
     relay = Relay()
     relay.ensure_streams()
 
@@ -198,6 +198,33 @@ def test_a_chain_that_follows_rows_the_publisher_knows_nothing_about_does_not_go
 
     result = relay.broker.result(relay.broker.submit_client(orphan), timeout=30)
     assert not result.published and [r.id for r in result.skipped] == [x1.id]
+
+
+def test_a_chain_behind_a_batch_that_never_reached_the_publisher_does_not_go_on_an_older_record():
+    # x0 went out in an earlier batch (its chain is on record, published entirely); the batch
+    # holding x1 never reached the publisher (NATS refused it before it started); x2 was claimed
+    # behind x1. The record of x0's chain must not let x2 go without x1.
+    insert_ticket_events(aggregates=1, per_aggregate=3)
+    relay = Relay()
+    relay.ensure_streams()
+
+    def publish(rows):
+        async def run(nc):
+            publisher = await relay_module.JetStreamPublisher.for_client(nc)
+            return await relay_module.publish_rows(publisher, rows, timeout=5)
+
+        return relay.broker.result(relay.broker.submit_client(run), timeout=30)
+
+    (x0,) = claim(limit=1)
+    first = publish([x0])
+    assert [r.id for r, _, _ in first.published] == [x0.id]
+    OutboxEvent.objects.filter(pk=x0.id).update(status="published")
+    x1 = OutboxEvent.objects.get(aggregate_version=1)
+    (x2,) = claim(limit=100, inflight=str(x1.seq))
+    assert x2.aggregate_version == 2 and x2.after == x1.seq
+    third = publish([x2])
+    assert not third.published and [r.id for r in third.skipped] == [x2.id]
+    assert [m["data"]["version"] for m in read_stream_fast(TICKETS)] == [0]
 
 
 def test_a_row_backing_off_or_leased_holds_back_its_own_aggregate_only():
