@@ -32,10 +32,10 @@ test: install
 	bash scripts/services.sh
 	$(PY) -m pytest -q
 
-## test-cluster: the leader-failover scenario on a 3-node cluster (an open ordering bug makes it flaky)
+## test-cluster: only the 3-node NATS cluster tests (they are part of make test too)
 test-cluster: install
 	bash scripts/services.sh
-	$(PY) -m pytest -q -m failover tests/test_cluster.py
+	$(PY) -m pytest -q tests/test_cluster.py
 
 lint: install
 	$(VENV)/bin/ruff check .
