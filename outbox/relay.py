@@ -58,7 +58,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import msgspec
-from django.db import connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -1024,6 +1024,10 @@ class Relay:
         self._streams_ready = False
         self._partitions = _Partitions(self.conf)
         self._subjects = _Subjects()
+        #: The worker sessions of ``_drain_sessions``, kept from one drain to the next: opening two
+        #: database connections (and threads) per drain cost more than a small drain itself.
+        self._sessions: list[_Session] = []
+        weakref.finalize(self, _close_sessions, self._sessions)  # a Relay dropped without close_sessions()
 
     def ensure_streams(self) -> None:
         reports = self.broker.call(lambda js: ensure_streams(js), timeout=15)
@@ -1255,7 +1259,7 @@ class Relay:
         inflight: deque[_Batch] = deque()  # claimed and not yet marked, oldest first
         marking: dict[concurrent.futures.Future, tuple[_Batch, PublishResult]] = {}
         claiming: concurrent.futures.Future | None = None
-        sessions: list[_Session] = []
+        sessions = self._sessions
         stopping = False
         blocked = False  # the last claim found nothing: claim again only after a batch is marked
         self._join()
@@ -1280,7 +1284,7 @@ class Relay:
                         blocked = True
                     else:
                         if not sessions:
-                            sessions = [_Session(f"outbox-db-{n}") for n in range(2)]
+                            sessions.extend(_Session(f"outbox-db-{n}") for n in range(2))
                         claiming = sessions[0].submit(job)
                 # Wait for a claim, the oldest unmarked publish, or a mark.
                 publishing = [b for b in inflight if not b.marking]
@@ -1317,17 +1321,22 @@ class Relay:
                             marking[quiet.submit(partial(self._mark, batch, result))] = (batch, result)
                 if not inflight and claiming is None and stopping:
                     return total
-        finally:
-            # Only on an exception: drop queued work, stop publishing what will not be marked.
+        except BaseException:
+            # Drop queued work, stop publishing what will not be marked; the sessions may be broken.
             for future in [claiming, *marking]:
                 if future is not None:
                     future.cancel()
             for batch in inflight:
                 if batch.future is not None and not batch.marking:
                     batch.future.cancel()
-            for session in sessions:
-                session.close()
+            self.close_sessions()
+            raise
+        finally:
             self._leave()
+
+    def close_sessions(self) -> None:
+        """Stop the worker sessions (their threads and database connections)."""
+        _close_sessions(self._sessions)
 
     def _claim_job(self, inflight: deque[_Batch]) -> Callable[[], _Batch | None] | None:
         """A claim to run on a worker session; None when we hold no partitions right now."""
@@ -1394,16 +1403,49 @@ class _Session:
                 job, future = item
                 if future.set_running_or_notify_cancel():
                     try:
-                        future.set_result(job())
+                        future.set_result(self._attempt(job))
                     except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
                         future.set_exception(exc)
                 self.queued -= 1
         finally:
             connection.close()
 
+    @staticmethod
+    def _attempt(job: Callable[[], T]) -> T:
+        try:
+            return job()
+        except _SESSION_ERRORS:
+            if connection.connection is not None and connection.is_usable():
+                raise  # the session is fine: the statement itself failed
+            # The session ended while it sat idle between drains (terminated by the server, the
+            # network dropped it): once more on a new one. A claim only reads; a mark is a
+            # conditional update, so running it again after an unknown outcome changes nothing.
+            connection.close()
+            return job()
+
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join()
+
+
+try:  # the claims and marks use psycopg cursors directly (see _cursor): its errors are not wrapped
+    import psycopg
+
+    _SESSION_ERRORS: tuple[type[Exception], ...] = (
+        OperationalError,
+        InterfaceError,
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+    )
+except ImportError:  # pragma: no cover - SQLite only
+    _SESSION_ERRORS = (OperationalError, InterfaceError)
+
+
+def _close_sessions(sessions: list[_Session]) -> None:
+    closing = list(sessions)
+    sessions.clear()
+    for session in closing:
+        session.close()
 
 
 def _chains(rows: list[ClaimedRow]) -> dict[tuple[str, str], list[ClaimedRow]]:

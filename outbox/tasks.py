@@ -102,4 +102,6 @@ def _streams_on_start(**_: object) -> None:
 def _close_connection(**_: object) -> None:
     from outbox.broker import reset_broker
 
+    if _relay is not None:
+        _relay.close_sessions()
     reset_broker()

@@ -400,3 +400,43 @@ def test_no_relay_leaves_partition_locks_behind_after_drain_or_run_batch():
     insert_ticket_events(aggregates=5, per_aggregate=2)
     relay.drain()
     assert advisory_locks() == 0
+
+
+# --- the worker sessions ----------------------------------------------------------------
+
+
+def session_pids(relay: Relay) -> list[int]:
+    def pid() -> int:
+        with connection.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            return cur.fetchone()[0]
+
+    return [session.submit(pid).result(timeout=30) for session in relay._sessions]
+
+
+def test_a_relay_keeps_its_worker_sessions_between_drains_and_replaces_one_the_server_terminated():
+    relay = Relay()
+    relay.ensure_streams()
+    insert_ticket_events(aggregates=4, per_aggregate=2)
+    assert relay.drain().published == 8
+    first = session_pids(relay)
+    assert len(first) == 2
+    insert_ticket_events(aggregates=4, per_aggregate=2)
+    assert relay.drain().published == 8
+    assert session_pids(relay) == first, "a drain must not open new database sessions"
+
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(%s)", [first[0]])
+    wait_for(lambda: first[0] not in all_backend_pids(), timeout=30, what="the session to end")
+    insert_ticket_events(aggregates=4, per_aggregate=2)
+    assert relay.drain().published == 8, "the relay opens a new session in place of the terminated one"
+    replaced = session_pids(relay)
+    assert replaced[0] != first[0] and replaced[1] == first[1]
+    relay.close_sessions()
+    assert relay._sessions == []
+
+
+def all_backend_pids() -> set[int]:
+    with connection.cursor() as cur:
+        cur.execute("SELECT pid FROM pg_stat_activity")
+        return {r[0] for r in cur.fetchall()}
