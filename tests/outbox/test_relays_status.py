@@ -224,3 +224,54 @@ def test_a_real_drain_paused_between_batches_is_shown_with_the_rows_still_pendin
     assert done["report"].published == total
     view = wait_for(lambda: (v := outbox_relays()).relays == [] and v, what="the relay to let go")
     assert view.headline == "no relay is draining" and view.pending_unheld == 0
+
+
+# --- outbox_status ----------------------------------------------------------------------
+
+
+def test_outbox_status_json_reports_the_relay_its_partitions_and_the_rows_behind_it(relays):
+    total = insert_ticket_events(aggregates=12, per_aggregate=2)
+    relay = relays("relay-json").join()
+
+    doc = wait_for(lambda: (d := status_json())["relays"]["relays"] and d, what="the relay in outbox_status")
+
+    assert doc["outbox"]["pending"] == total
+    section = doc["relays"]
+    assert (section["mode"], section["draining"], section["partitions_held"]) == ("partitions", 1, PARTITIONS)
+    assert (section["pending_held"], section["pending_unheld"]) == (total, 0)
+    assert section["headline"] == f"relays draining: 1 ({PARTITIONS} partitions)"
+    (row,) = section["relays"]
+    assert (row["pid"], row["application_name"], row["client_addr"]) == (relay.pid, "relay-json", "127.0.0.1")
+    assert (row["partitions"], row["pending"], row["member"]) == (PARTITIONS, total, True)
+    assert row["backend_start"] and row["connected_seconds"] >= 0
+
+
+def test_outbox_status_table_shows_relays_draining_instead_of_in_flight(relays):
+    total = insert_ticket_events(aggregates=4, per_aggregate=2)
+    relay = relays("relay-table").join()
+    wait_for(lambda: outbox_relays().draining == 1, what="the relay to show")
+    out = StringIO()
+
+    call_command("outbox_status", stdout=out)
+
+    text = out.getvalue()
+    assert "relays draining" in text and f"1 ({PARTITIONS} of {PARTITIONS} partitions)" in text
+    assert "in flight" not in text
+    line = next(line for line in text.splitlines() if f" {relay.pid} " in line)
+    assert "relay-table" in line and "127.0.0.1" in line
+    assert re.search(rf"\b{PARTITIONS}\b.*\b{total}\b", line), line
+
+
+def test_outbox_status_says_no_relay_is_draining_and_what_waits_in_free_partitions():
+    total = insert_ticket_events(aggregates=3, per_aggregate=1)
+
+    doc = status_json()
+    out = StringIO()
+    call_command("outbox_status", stdout=out)
+
+    assert doc["relays"]["relays"] == [] and doc["relays"]["draining"] == 0
+    assert doc["relays"]["pending_unheld"] == total
+    assert doc["relays"]["headline"] == "no relay is draining"
+    text = out.getvalue()
+    assert "no relay is draining" in text
+    assert f"pending in partitions no relay holds: {total}" in text
