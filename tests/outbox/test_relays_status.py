@@ -17,11 +17,12 @@ import psycopg
 import pytest
 from django.core.management import call_command
 from django.db import connection, connections
+from django.urls import reverse
 
 from outbox import relay as relay_module
 from outbox.conf import outbox_settings
 from outbox.models import OutboxEvent, OutboxStatus
-from outbox.relay import PARTITIONS, Relay, _Partitions
+from outbox.relay import PARTITIONS, Relay, _Partitions, claim_batch
 from outbox.selectors import outbox_relays
 from tests.helpers import insert_ticket_events, wait_for
 
@@ -275,3 +276,87 @@ def test_outbox_status_says_no_relay_is_draining_and_what_waits_in_free_partitio
     text = out.getvalue()
     assert "no relay is draining" in text
     assert f"pending in partitions no relay holds: {total}" in text
+
+
+# --- the admin --------------------------------------------------------------------------
+
+
+def test_dashboard_has_a_relays_panel_with_one_line_per_relay(admin_client, relays):
+    total = insert_ticket_events(aggregates=10, per_aggregate=3)
+    first = relays("relay-a").join()
+    second = relays("relay-b").join()
+    first.rebalance()
+    second.rebalance()
+    wait_for(lambda: outbox_relays().partitions_held == PARTITIONS, what="the partitions to be split")
+    behind = {first.pid: first.would_claim(), second.pid: second.would_claim()}
+
+    response = admin_client.get(OPERATIONS_URL)
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert 'id="card-relays"' in html and 'id="card-in-flight"' not in html
+    card = re.search(r'id="card-relays".*?</div>', html, re.S).group(0)
+    assert re.search(r">\s*2\s*</a>", card) and f"Relays draining &middot; {PARTITIONS} partitions" in card
+    assert 'id="relays-table"' in html and 'id="no-relay"' not in html
+    for relay, name in ((first, "relay-a"), (second, "relay-b")):
+        cells = dashboard_row(html, relay.pid)
+        assert cells[0] == f"pid {relay.pid}" and cells[1].startswith("127.0.0.1:") and cells[2] == name
+        assert cells[-2:] == [str(PARTITIONS // 2), str(behind[relay.pid])]
+    assert sum(behind.values()) == total
+    assert 'id="relays-unheld"' not in html
+
+
+def test_dashboard_says_no_relay_is_draining_between_kicks(admin_client):
+    total = insert_ticket_events(aggregates=2, per_aggregate=2)
+
+    html = admin_client.get(OPERATIONS_URL).content.decode()
+
+    assert 'id="no-relay"' in html and "No relay is draining" in html
+    assert 'id="relays-table"' not in html
+    card = re.search(r'id="card-relays".*?</div>', html, re.S).group(0)
+    assert re.search(r">\s*0\s*</a>", card)
+    unheld = re.search(r'id="relays-unheld">(.*?)</p>', html, re.S).group(1)
+    assert unheld.startswith(f"{total} pending events in partitions no relay holds")
+
+
+def test_outbox_changelist_card_names_the_relays_draining_in_partition_mode(admin_client, relays):
+    insert_ticket_events(aggregates=2, per_aggregate=1)
+
+    idle = admin_client.get(reverse(CHANGELIST))
+    relays("relay-card").join()
+    wait_for(lambda: outbox_relays().draining == 1, what="the relay to show")
+    busy = admin_client.get(reverse(CHANGELIST))
+
+    notes = [{i["label"]: i["note"] for i in r.context["outbox_summary"]}["Pending"] for r in (idle, busy)]
+    assert notes == ["no relay is draining", f"relays draining: 1 ({PARTITIONS} partitions)"]
+    assert f"relays draining: 1 ({PARTITIONS} partitions)" in busy.content.decode()
+
+
+# --- lease mode -------------------------------------------------------------------------
+
+
+def test_lease_mode_still_shows_the_leased_rows_in_flight_and_does_not_pretend_to_list_relays(settings, admin_client):
+    settings.OUTBOX = {**settings.OUTBOX, "OWNERSHIP": "leases"}
+    insert_ticket_events(aggregates=30, per_aggregate=1)
+    leased = claim_batch(limit=12, lease_seconds=300, owner="batch-1")
+    assert len(leased) == 12
+
+    view = outbox_relays()
+    doc = status_json()
+    out = StringIO()
+    call_command("outbox_status", stdout=out)
+    html = admin_client.get(OPERATIONS_URL).content.decode()
+    changelist = admin_client.get(reverse(CHANGELIST))
+
+    assert (view.mode, view.relays, view.leased_rows, view.leased_batches) == ("leases", [], 12, 1)
+    assert view.headline == "in flight: 12 (leased by 1 batch)"
+    assert doc["outbox"]["in_flight"] == 12 and doc["relays"]["mode"] == "leases"
+    assert doc["relays"]["headline"] == "in flight: 12 (leased by 1 batch)"
+    text = out.getvalue()
+    assert "in flight" in text and "relays draining" not in text
+    assert "not shown in lease mode" in text
+    card = re.search(r'id="card-in-flight".*?</div>', html, re.S).group(0)
+    assert re.search(r">\s*12\s*<", card) and 'id="card-relays"' not in html
+    assert 'id="relays-lease-mode"' in html and 'id="no-relay"' not in html
+    pending_note = {i["label"]: i["note"] for i in changelist.context["outbox_summary"]}["Pending"]
+    assert pending_note == "12 in flight"
