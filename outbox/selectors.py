@@ -84,6 +84,12 @@ _PENDING_PER_PARTITION = f"""
 SELECT ({_HASH} & {PARTITIONS - 1})::int, count(*) FROM {TABLE} o WHERE o.status = 'pending' GROUP BY 1
 """  # noqa: S608 - table name and constants only
 
+_MEMBERS = """
+SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid::bigint = %s
+  AND objid::bigint = %s AND objsubid = 2
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
 
 @dataclass
 class RelaySession:
@@ -245,6 +251,16 @@ def outbox_relays(*, now: datetime | None = None, pending: bool = True) -> Relay
         held = {p for r in result.relays for p in r.partitions}
         result.pending_unheld = sum(n for p, n in per_partition.items() if p not in held)
     return result
+
+
+def outbox_relays_draining() -> int | None:
+    """How many relays are draining (sessions holding the membership lock); None where leases
+    cannot tell (lease mode, SQLite). One cheap read of ``pg_locks``: the metrics sample it."""
+    if connection.vendor != "postgresql" or outbox_settings().OWNERSHIP != "partitions":
+        return None
+    with connection.cursor() as cur:
+        cur.execute(_MEMBERS, [LOCK_CLASS, _MEMBER_KEY])
+        return cur.fetchone()[0]
 
 
 def outbox_events_for_aggregate(*, aggregate_type: str, aggregate_id: str, limit: int = 50):

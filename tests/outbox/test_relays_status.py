@@ -360,3 +360,25 @@ def test_lease_mode_still_shows_the_leased_rows_in_flight_and_does_not_pretend_t
     assert 'id="relays-lease-mode"' in html and 'id="no-relay"' not in html
     pending_note = {i["label"]: i["note"] for i in changelist.context["outbox_summary"]}["Pending"]
     assert pending_note == "12 in flight"
+
+
+# --- /metrics ---------------------------------------------------------------------------
+
+
+def test_metrics_gauge_counts_the_relays_draining(admin_client, relays):
+    assert "outbox_relays_draining 0.0" in admin_client.get("/metrics").content.decode()
+    relays("relay-a").join()
+    relays("relay-b").join()
+
+    body = wait_for(
+        lambda: "outbox_relays_draining 2.0" in (b := admin_client.get("/metrics").content.decode()) and b,
+        what="the gauge to count both relays",
+    )
+
+    assert "outbox_relays_draining 2.0" in body
+
+
+def test_metrics_gauge_is_not_a_number_in_lease_mode(settings, admin_client):
+    settings.OUTBOX = {**settings.OUTBOX, "OWNERSHIP": "leases"}
+
+    assert "outbox_relays_draining NaN" in admin_client.get("/metrics").content.decode()
