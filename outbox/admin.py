@@ -7,7 +7,8 @@ indexed ``seq``, no full-table count, no facet counts, filter choices taken from
 the contract registry instead of ``SELECT DISTINCT``, exact-match search only,
 and the JSON columns deferred until a single row is opened. The status summary
 at the top comes from :func:`outbox.selectors.outbox_backlog`, which reads the
-partial indexes of unfinished rows.
+partial indexes of unfinished rows, and :func:`outbox.selectors.outbox_relays`
+(the relays draining, from ``pg_locks``; in lease mode the leased rows).
 
 :func:`badge` and :class:`ReadOnlyAdminMixin` are shared with the listeners' admin.
 """
@@ -30,7 +31,7 @@ from django.utils.translation import ngettext
 from outbox.contracts import registry
 from outbox.errors import OutboxError
 from outbox.models import OutboxEvent, OutboxStatus
-from outbox.selectors import outbox_backlog
+from outbox.selectors import outbox_backlog, outbox_relays
 from outbox.services import outbox_relay_batch, outbox_requeue, outbox_retry_now
 
 #: Badge backgrounds: the admin's own message colours, so the dark theme follows.
@@ -216,6 +217,12 @@ class OutboxEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
     def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None):
         backlog = outbox_backlog()
+        # With partitions nothing on a row says "in flight": the relays' locks say who is at work.
+        relays = outbox_relays(pending=False)
+        if relays.mode == "partitions":
+            in_flight = relays.headline
+        else:
+            in_flight = f"{backlog.in_flight} in flight" if backlog.in_flight else ""
         oldest = backlog.oldest_pending_age
         summary = [
             {
@@ -223,7 +230,7 @@ class OutboxEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
                 "count": backlog.pending,
                 "tone": "warning" if backlog.pending else "info",
                 "query": f"?status__exact={OutboxStatus.PENDING}",
-                "note": f"{backlog.in_flight} in flight" if backlog.in_flight else "",
+                "note": in_flight,
             },
             {
                 "label": "Dead",

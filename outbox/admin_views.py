@@ -69,6 +69,9 @@ def operations_view(request: HttpRequest) -> HttpResponse:
     nats = snapshot["nats"]
     for consumer in nats["consumers"]:
         consumer["idle_human"] = format_duration(consumer["idle_seconds"])
+    for relay in snapshot["relays"]["relays"]:
+        relay["connected_human"] = format_duration(relay["connected_seconds"])
+        relay["state_human"] = format_duration(relay["state_seconds"])
     context = {
         **admin.site.each_context(request),
         "title": "Operations dashboard",

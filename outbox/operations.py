@@ -11,8 +11,8 @@ nats_status``, so they never disagree:
 * :func:`nats_snapshot` -- the same from synchronous code: one short connection,
   every NATS call bounded by ``timeout`` in total; an unreachable server gives an
   ``error`` string instead of an exception.
-* :func:`operations_snapshot` -- the database side (backlog, throughput per minute,
-  dead rows on both sides) plus :func:`nats_snapshot`.
+* :func:`operations_snapshot` -- the database side (backlog, the relays draining and
+  what they hold, throughput per minute, dead rows on both sides) plus :func:`nats_snapshot`.
 
 Dead letters of the listeners are read through the app registry, not imported:
 ``outbox`` must not depend on ``listeners`` (it works without that app installed).
@@ -35,7 +35,7 @@ from outbox.broker import connect
 from outbox.conf import nats_settings
 from outbox.errors import PublishError
 from outbox.models import OutboxEvent, OutboxStatus
-from outbox.selectors import outbox_backlog, stream_summaries
+from outbox.selectors import outbox_backlog, outbox_relays, stream_summaries
 
 #: Seconds allowed for the whole NATS part (connect + every info request).
 NATS_TIMEOUT = 2.0
@@ -277,6 +277,7 @@ def operations_snapshot(*, timeout: float = NATS_TIMEOUT, dead_limit: int = DEAD
     return {
         "generated_at": now,
         "outbox": outbox_backlog().as_dict(),
+        "relays": outbox_relays(now=now).as_dict(),
         "throughput": published_per_minute(now=now),
         "dead_outbox": dead_outbox_events(limit=dead_limit),
         "dead_outbox_changelist": _admin_url("admin:outbox_outboxevent_changelist", query="status__exact=dead"),
