@@ -46,6 +46,14 @@ def check_outbox_settings(app_configs=None, **kwargs):  # noqa: ARG001
         )
     if conf.PIPELINE_DEPTH < 1:
         errors.append(Error("OUTBOX['PIPELINE_DEPTH'] must be at least 1.", id="outbox.E009"))
+    if conf.FOLLOW_SECONDS < 0 or conf.FOLLOW_SECONDS >= conf.TASK_TIME_BUDGET:
+        errors.append(
+            Error(
+                f"OUTBOX['FOLLOW_SECONDS'] is {conf.FOLLOW_SECONDS}; it must be at least 0 (0: off) and "
+                f"shorter than TASK_TIME_BUDGET ({conf.TASK_TIME_BUDGET}).",
+                id="outbox.E010",
+            )
+        )
     if conf.STREAM_STORAGE not in {"file", "memory"}:
         errors.append(Error("OUTBOX['STREAM_STORAGE'] must be 'file' or 'memory'.", id="outbox.E005"))
     if conf.STREAM_REPLICAS not in {1, 2, 3, 4, 5}:

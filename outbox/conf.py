@@ -61,6 +61,11 @@ class OutboxSettings:
     PURGE_BATCH: int = 5000
     #: Seconds a relay task keeps draining before it hands over to a fresh task.
     TASK_TIME_BUDGET: float = 20.0
+    #: After draining, a relay task stays and follows new commits for this many idle seconds
+    #: (within TASK_TIME_BUDGET): every kick also publishes a wake-up on Redis, and a following
+    #: relay drains at once instead of waiting for Celery to deliver the next task. 0 turns it
+    #: off; it needs a Redis broker.
+    FOLLOW_SECONDS: float = 2.0
     #: Celery queue of the relay tasks.
     CELERY_QUEUE: str = "outbox"
     #: Seconds between beat sweeps (the backstop for lost kicks).

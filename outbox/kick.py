@@ -59,7 +59,7 @@ def kick_relay() -> bool:
 
     client = _redis()
     try:
-        if client is not None and not client.set(_flag_key(), b"1", nx=True, px=_FLAG_TTL_MS):
+        if client is not None and not _flag_and_wake(client):
             return False
         relay.apply_async(retry=False)
         return True
@@ -71,3 +71,17 @@ def kick_relay() -> bool:
             except Exception:  # noqa: BLE001, S110
                 pass
         return False
+
+
+def _flag_and_wake(client: Any) -> bool:
+    """One round trip: set the flag unless a task is queued (True: this kick enqueues one), and
+    wake a relay that follows new commits (outbox/wake.py), if following is on."""
+    if outbox_settings().FOLLOW_SECONDS <= 0:
+        return bool(client.set(_flag_key(), b"1", nx=True, px=_FLAG_TTL_MS))
+    from outbox.wake import wake_channel
+
+    pipe = client.pipeline(transaction=False)
+    pipe.set(_flag_key(), b"1", nx=True, px=_FLAG_TTL_MS)
+    pipe.publish(wake_channel(), b"")
+    first, _woken = pipe.execute()
+    return bool(first)

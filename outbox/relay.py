@@ -1027,6 +1027,7 @@ class Relay:
         #: The worker sessions of ``_drain_sessions``, kept from one drain to the next: opening two
         #: database connections (and threads) per drain cost more than a small drain itself.
         self._sessions: list[_Session] = []
+        self._following = False
         weakref.finalize(self, _close_sessions, self._sessions)  # a Relay dropped without close_sessions()
 
     def ensure_streams(self) -> None:
@@ -1164,9 +1165,9 @@ class Relay:
             with _cursor() as cur:
                 self._partitions.join(cur)
 
-    def _leave(self) -> None:
-        if not self._partitions.joined:
-            return
+    def _leave(self, *, force: bool = False) -> None:
+        if not self._partitions.joined or (self._following and not force):
+            return  # a following relay keeps its partitions from one drain to the next
         try:
             with _cursor() as cur:
                 self._partitions.leave(cur)
@@ -1330,8 +1331,37 @@ class Relay:
                 if batch.future is not None and not batch.marking:
                     batch.future.cancel()
             self.close_sessions()
+            self._leave(force=True)
             raise
         finally:
+            self._leave()
+
+    def follow(
+        self, wakeups: Any, *, idle: float, until: float, stop: Callable[[], bool] = lambda: False
+    ) -> tuple[BatchReport, bool]:
+        """Drain on every wake-up until ``idle`` seconds pass without one, the monotonic time
+        ``until``, ``stop()``, or NATS refuses everything. Returns (what was drained, out of time).
+
+        ``wakeups`` (outbox.wake.Wakeups) must be subscribed before the caller's last drain began,
+        so that no commit falls between that drain and the first wait.
+        """
+        total = BatchReport()
+        # Partitions stay held between the drains of a follow (no join and leave per wake-up);
+        # rebalancing goes on inside the drains, so other relays still get their share.
+        self._following = True
+        try:
+            while True:
+                left = until - time.monotonic()
+                if left <= 0:
+                    return total, True
+                if not wakeups.wait(min(idle, left), stop):
+                    return total, until - time.monotonic() <= 0
+                report = self.drain(time_budget=until - time.monotonic())
+                _accumulate(total, report)
+                if report.failed and not report.published:
+                    return total, False  # NATS refuses: the rows back off, the sweep takes them later
+        finally:
+            self._following = False
             self._leave()
 
     def close_sessions(self) -> None:

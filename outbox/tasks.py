@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from celery import shared_task
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
@@ -26,19 +27,49 @@ def _get_relay():
 
 @shared_task(name="outbox.relay", ignore_result=True)
 def relay() -> int:
-    """Drain the outbox for up to TASK_TIME_BUDGET seconds; re-kicks itself when work remains."""
+    """Drain the outbox, then follow new commits for up to FOLLOW_SECONDS of quiet (outbox/wake.py),
+    within TASK_TIME_BUDGET seconds in all; re-kicks itself when work may remain."""
     from outbox.kick import clear_kick_flag, kick_relay
+    from outbox.relay import _accumulate
+    from outbox.wake import Wakeups, follow_enabled
 
     clear_kick_flag()
     close_old_connections()
+    conf = outbox_settings()
+    until = time.monotonic() + conf.TASK_TIME_BUDGET
+    followed = out_of_time = False
     try:
-        total = _get_relay().drain(time_budget=outbox_settings().TASK_TIME_BUDGET)
+        relay = _get_relay()
+        total = relay.drain(time_budget=conf.TASK_TIME_BUDGET)
+        if follow_enabled() and not (total.failed and not total.published) and not _worker_stopping():
+            try:
+                wakeups = Wakeups()
+            except Exception as exc:  # noqa: BLE001 - Redis trouble: the plain kick path still works
+                logger.warning("outbox.follow_unavailable error=%s", exc)
+            else:
+                try:
+                    # Subscribed: a drain now catches what committed before, the wake-ups the rest.
+                    _accumulate(total, relay.drain(time_budget=max(0.0, until - time.monotonic())))
+                    report, out_of_time = relay.follow(
+                        wakeups, idle=conf.FOLLOW_SECONDS, until=until, stop=_worker_stopping
+                    )
+                    _accumulate(total, report)
+                    followed = True
+                finally:
+                    wakeups.close()
     finally:
         close_old_connections()
-    if total.claimed and not total.failed:
+    if total.claimed and not total.failed and (out_of_time or not followed):
         # Budget spent with work left, or more may have arrived: hand over to a fresh task.
         kick_relay()
     return total.published
+
+
+def _worker_stopping() -> bool:
+    """The worker was asked to shut down (warm or cold): a following task leaves at once."""
+    from celery.worker import state
+
+    return state.should_stop is not None or state.should_terminate is not None
 
 
 @shared_task(name="outbox.sweep", ignore_result=True)

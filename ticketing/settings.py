@@ -196,6 +196,7 @@ for _key, _type in {
     "BACKOFF_MAX": float,
     "DUPLICATE_WINDOW": float,
     "TASK_TIME_BUDGET": float,
+    "FOLLOW_SECONDS": float,
     "RETENTION": float,
     "PIPELINE_DEPTH": int,
     "REBALANCE_SECONDS": float,

@@ -142,6 +142,8 @@ def test_outbox_streams_with_nats_unreachable_is_a_one_line_error():
         ({"DATABASE_URL": "nosuchdb://x"}, "nosuchdb"),
         ({"OUTBOX_OWNERSHIP": "shared"}, "outbox.E008"),
         ({"OUTBOX_PIPELINE_DEPTH": "0"}, "outbox.E009"),
+        ({"OUTBOX_FOLLOW_SECONDS": "-1"}, "outbox.E010"),
+        ({"OUTBOX_FOLLOW_SECONDS": "30", "OUTBOX_TASK_TIME_BUDGET": "20"}, "outbox.E010"),
         ({"OUTBOX_WIRE_PUBLISH": "perhaps"}, "OUTBOX_WIRE_PUBLISH='perhaps' is not a boolean"),
     ],
 )
