@@ -8,11 +8,12 @@ Two ways through a batch, same guarantees:
 
 * **set-based** (listeners that implement :meth:`Listener.handle_batch`, e.g. every
   :class:`listeners.base.VersionedReplicaListener`): the events of one batch group go
-  to one ``handle_batch`` call inside one savepoint, and their inbox rows are written
-  with one INSERT — a fixed number of statements per batch instead of ~5 per event;
-* **per message** (plain ``handle`` listeners, and the fallback whenever a
-  ``handle_batch`` call raises): each message in its own savepoint with its inbox row,
-  so a failing message rolls back only itself.
+  to one ``handle_batch`` call, and their inbox rows are written with one INSERT — a
+  fixed number of statements per batch instead of ~5 per event, and no savepoint:
+  when a ``handle_batch`` call raises, the whole batch transaction is rolled back and
+  run again with that group on the per-message path;
+* **per message** (plain ``handle`` listeners, and that fallback): each message in its
+  own savepoint with its inbox row, so a failing message rolls back only itself.
 
 Which events of the batch were already applied is read with ONE query per batch,
 not one per message.
@@ -353,34 +354,34 @@ def _lock_key(item: _Item) -> tuple[str, str]:
     return headers.get("aggregate-type", ""), headers.get("aggregate-id", "")
 
 
-def _apply_group(items: list[_Item], applied: set[tuple[str, str]]) -> None:
-    """The set-based path: one ``handle_batch`` call and one inbox INSERT in one savepoint.
+class _SetFailed(Exception):
+    """A batch group's set path raised: the batch transaction is rolled back and run again without it."""
 
-    If anything in it raises, the savepoint is rolled back and the same events take the
-    per-message path, which gives each its own outcome (dead letter, retry, duplicate).
+    def __init__(self, group: Any, listener_cls: type[Listener], messages: int) -> None:
+        super().__init__(group)
+        self.group, self.listener_cls, self.messages = group, listener_cls, messages
+
+
+def _apply_group(group: Any, items: list[_Item], applied: set[tuple[str, str]]) -> None:
+    """The set-based path: one ``handle_batch`` call and one inbox INSERT, with no savepoint of their own.
+
+    A savepoint around them would cost two round trips (SAVEPOINT, RELEASE) in every
+    batch to save work only in the rare batch where the set path fails. Instead, if
+    anything in it raises, the whole batch transaction is rolled back and
+    :func:`apply_batch` runs it again with this group on the per-message path, which
+    gives each event its own outcome (dead letter, retry, duplicate).
     """
     listener_cls = items[0].delivery.listener
     assert listener_cls is not None
     started = time.perf_counter()
     try:
-        with transaction.atomic():
-            outcomes = listener_cls().handle_batch([i.event for i in items], [i.ctx for i in items])  # type: ignore[misc]
-            if len(outcomes) != len(items):
-                raise RuntimeError(f"handle_batch returned {len(outcomes)} outcomes for {len(items)} events")
-            _insert_inbox([(item, outcome or "applied") for item, outcome in zip(items, outcomes, strict=True)
-                           if not _failed(outcome)])  # fmt: skip
+        outcomes = listener_cls().handle_batch([i.event for i in items], [i.ctx for i in items])  # type: ignore[misc]
+        if len(outcomes) != len(items):
+            raise RuntimeError(f"handle_batch returned {len(outcomes)} outcomes for {len(items)} events")
+        _insert_inbox([(item, outcome or "applied") for item, outcome in zip(items, outcomes, strict=True)
+                       if not _failed(outcome)])  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - the per-message path sorts out which event it was
-        _ensure_committable(exc)
-        logger.info(
-            "listener.batch_fallback listener=%s messages=%d error=%s: %s",
-            listener_cls.__name__,
-            len(items),
-            type(exc).__name__,
-            str(exc).splitlines()[0][:300] if str(exc) else "",
-        )
-        for item in sorted(items, key=_lock_key):
-            _handle_one(item, applied)
-        return
+        raise _SetFailed(group, listener_cls, len(items)) from exc
     share = (time.perf_counter() - started) * 1000 / len(items)
     for item, outcome in zip(items, outcomes, strict=True):
         if _failed(outcome):
@@ -395,8 +396,36 @@ def apply_batch(deliveries: list[Delivery]) -> list[Decision]:
     """Apply a batch in one transaction; the caller acks after this returns.
 
     Decisions come back in the order of ``deliveries``; the per-event log lines are
-    written after the commit, in that order too.
+    written after the commit, in that order too. When a group's set path fails, the
+    transaction is rolled back and the batch applied again with that group's events
+    on the per-message path (at most once per group).
     """
+    per_message: set[Any] = set()
+    while True:
+        try:
+            items = _apply_batch(deliveries, per_message)
+        except _SetFailed as failed:
+            # Nothing of this attempt was kept. If the connection is what failed, the next
+            # attempt raises a database error, and the runner retries the batch as a whole.
+            cause = failed.__cause__
+            logger.info(
+                "listener.batch_fallback listener=%s messages=%d error=%s: %s",
+                failed.listener_cls.__name__,
+                failed.messages,
+                type(cause).__name__,
+                str(cause).splitlines()[0][:300] if str(cause) else "",
+            )
+            per_message.add(failed.group)
+            continue
+        break
+    if logger.isEnabledFor(logging.INFO):
+        for item in items:
+            _log(item)
+    return [item.decision for item in items]  # type: ignore[misc]
+
+
+def _apply_batch(deliveries: list[Delivery], per_message: set[Any]) -> list[_Item]:
+    """One attempt at the batch transaction; the groups in ``per_message`` skip their set path."""
     with transaction.atomic():
         applied = _already_applied(deliveries)
         postgres = transaction.get_connection().vendor == "postgresql"
@@ -421,7 +450,11 @@ def apply_batch(deliveries: list[Delivery]) -> list[Decision]:
             else:
                 groups.setdefault(group, []).append(item)
         for group in sorted(groups, key=repr):
-            _apply_group(groups[group], applied)
+            if group in per_message:
+                for item in sorted(groups[group], key=_lock_key):
+                    _handle_one(item, applied)
+            else:
+                _apply_group(group, groups[group], applied)
         for item in sorted(single, key=_lock_key):
             _handle_one(item, applied)
         for item in later:
@@ -430,10 +463,7 @@ def apply_batch(deliveries: list[Delivery]) -> list[Decision]:
             else:
                 _handle_one(item, applied)
         _ensure_committable()
-    if logger.isEnabledFor(logging.INFO):
-        for item in items:
-            _log(item)
-    return [item.decision for item in items]  # type: ignore[misc]
+    return items
 
 
 def dead_letter_replay(*, dead_letter_id: int) -> Decision:
