@@ -543,7 +543,7 @@ class ListenerRunner:
         attempt = 0
         while True:
             try:
-                return await sync_to_async(_apply, thread_sensitive=True)(deliveries)
+                return await self._apply_in_thread(plan, msgs, deliveries, pull)
             except Exception as exc:  # noqa: BLE001 - database down or commit failed: nothing was committed
                 attempt += 1
                 if attempt in (1, 2, 10) or attempt % 50 == 0:
@@ -562,6 +562,33 @@ class ListenerRunner:
                 for msg in (*msgs, *pull.buffered()):
                     await _safe(msg.in_progress())
                 await self._pause(min(0.2 * 2 ** min(attempt, 10), BATCH_RETRY_MAX, plan.ack_wait / 2))
+
+    async def _apply_in_thread(
+        self, plan: ConsumerPlan, msgs: list[Msg], deliveries: list[Delivery], pull: OpenPull
+    ) -> list[Decision]:
+        """One attempt at the batch transaction; while it lasts long, its messages are kept in progress.
+
+        A batch waiting on a lock (or a slow commit) for longer than ``ack_wait`` would
+        otherwise be redelivered while still in hand, and so would the messages the
+        open pull delivered behind it: each redelivery spends a delivery. Every
+        ``ack_wait / 2`` the batch and the buffered messages are marked in progress.
+        """
+        work = asyncio.ensure_future(sync_to_async(_apply, thread_sensitive=True)(deliveries))
+        started = time.monotonic()
+        while True:
+            done, _ = await asyncio.wait((work,), timeout=plan.ack_wait / 2)
+            if done:
+                return work.result()
+            held = (*msgs, *pull.buffered())
+            for msg in held:
+                await _safe(msg.in_progress())
+            logger.warning(
+                "listener.batch_slow durable=%s messages=%d seconds=%.1f: %d message(s) kept in progress",
+                plan.durable,
+                len(msgs),
+                time.monotonic() - started,
+                len(held),
+            )
 
 
 def _crash_after_commit() -> int:

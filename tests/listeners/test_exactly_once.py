@@ -418,6 +418,34 @@ def test_a_database_outage_longer_than_ack_wait_spends_no_delivery_of_the_batch_
     assert consumer_info().num_redelivered == 0
 
 
+def test_a_batch_stuck_on_a_lock_longer_than_ack_wait_is_not_redelivered_nor_are_those_behind_it(tmp_path: Path):
+    """A batch waits on a row lock for several ack_waits; it and the messages buffered behind it stay in progress."""
+    first = ticket("s00", 0)
+    rest = [ticket("s00", 1)] + [ticket(f"s{n:02d}", 0) for n in range(1, 20)]
+    log = tmp_path / "listen.log"
+    proc = start_listener(*BOTH, "--batch", "5", "--ack-wait", "2", log=log)
+    try:
+        publish([first])
+        wait_for(lambda: InboxEntry.objects.count() == 1, timeout=60, what="the first event applied")
+        lock = _lock_replica_row("s00")
+        try:
+            publish(rest)
+            wait_for(_blocked_on_a_lock, timeout=60, what="a batch to block on the row lock")
+            # One line per ack_wait / 2 (1 s): four of them are two ack_waits.
+            wait_for(lambda: len(log_lines(log, r"listener\.batch_slow ")) >= 4, timeout=120,
+                     what="the batch to be kept in progress for two ack_waits")  # fmt: skip
+            assert consumer_info().num_ack_pending > 5  # a batch in hand and more buffered behind it
+        finally:
+            _close_quietly(lock)
+        wait_for(lambda: InboxEntry.objects.count() == 1 + len(rest), timeout=120, what="every event applied")
+        wait_for(settled, timeout=30, what="every message acked")
+    finally:
+        assert stop(proc, sig=signal.SIGTERM) == 0
+    assert_each_applied_once([first, *rest])
+    assert not log_lines(log, r"deliveries=(?!1 )")
+    assert consumer_info().num_redelivered == 0
+
+
 def test_stopping_hands_back_messages_a_late_pull_left_in_the_client_buffer():
     """A pull can deliver after the last batch was taken; unacked, those would wait ack_wait (30 s) for anyone."""
     import asyncio
