@@ -287,6 +287,18 @@ def _ensure_committable(cause: BaseException | None = None) -> None:
         raise TransactionBroken(f"the batch transaction cannot commit any more: {reason}") from cause
 
 
+def _ensure_connected(cause: BaseException) -> None:
+    """Raise TransactionBroken when the connection itself failed (not a statement of the batch).
+
+    Without a savepoint, nothing else tells the two apart in time: Django reconnects
+    while it closes the transaction, and the next attempt would run — quietly — on a
+    new connection. A lost connection is the runner's to retry, and to report.
+    """
+    raw = transaction.get_connection().connection
+    if raw is None or getattr(raw, "broken", False) or getattr(raw, "closed", False):
+        raise TransactionBroken(f"the batch transaction cannot commit any more: {cause}") from cause
+
+
 def _failure(listener_cls: type[Listener], ctx: Context, delivery: Delivery, exc: Exception) -> Decision:
     error = f"{type(exc).__name__}: {exc}"
     if ctx.deliveries >= listener_cls.max_deliver:
@@ -381,6 +393,7 @@ def _apply_group(group: Any, items: list[_Item], applied: set[tuple[str, str]]) 
         _insert_inbox([(item, outcome or "applied") for item, outcome in zip(items, outcomes, strict=True)
                        if not _failed(outcome)])  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - the per-message path sorts out which event it was
+        _ensure_connected(exc)
         raise _SetFailed(group, listener_cls, len(items)) from exc
     share = (time.perf_counter() - started) * 1000 / len(items)
     for item, outcome in zip(items, outcomes, strict=True):
@@ -405,8 +418,8 @@ def apply_batch(deliveries: list[Delivery]) -> list[Decision]:
         try:
             items = _apply_batch(deliveries, per_message)
         except _SetFailed as failed:
-            # Nothing of this attempt was kept. If the connection is what failed, the next
-            # attempt raises a database error, and the runner retries the batch as a whole.
+            # Nothing of this attempt was kept. (A lost connection is not a set failure: it
+            # raises TransactionBroken, and the runner retries the batch as a whole.)
             cause = failed.__cause__
             logger.info(
                 "listener.batch_fallback listener=%s messages=%d error=%s: %s",
