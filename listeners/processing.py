@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import DataError, IntegrityError, transaction
+from django.db import DataError, IntegrityError, InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
 from listeners.base import Context, Listener, rows_source, set_cursor
@@ -294,9 +294,24 @@ def _ensure_connected(cause: BaseException) -> None:
     while it closes the transaction, and the next attempt would run — quietly — on a
     new connection. A lost connection is the runner's to retry, and to report.
     """
+    if _connection_lost(cause):
+        raise TransactionBroken(f"the batch transaction cannot commit any more: {cause}") from cause
+
+
+def _connection_lost(exc: BaseException) -> bool:
     raw = transaction.get_connection().connection
     if raw is None or getattr(raw, "broken", False) or getattr(raw, "closed", False):
-        raise TransactionBroken(f"the batch transaction cannot commit any more: {cause}") from cause
+        return True
+    if isinstance(exc, InterfaceError):
+        return True
+    driver_error = exc.__cause__
+    if isinstance(exc, OperationalError) and hasattr(driver_error, "sqlstate"):
+        # The server's message can be read before the closed socket is: go by the error too.
+        # No SQLSTATE: the client lost the server; 08: connection exception; 57P: the session
+        # was terminated (admin or crash shutdown). Deadlocks, timeouts ... have their own.
+        sqlstate = driver_error.sqlstate  # type: ignore[union-attr]
+        return sqlstate is None or sqlstate.startswith(("08", "57P"))
+    return False
 
 
 def _failure(listener_cls: type[Listener], ctx: Context, delivery: Delivery, exc: Exception) -> Decision:

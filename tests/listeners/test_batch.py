@@ -203,3 +203,27 @@ def test_a_batch_of_replica_events_costs_a_fixed_number_of_statements(size):
     # path has no savepoint of its own (each one costs two round trips in every batch).
     assert len(queries) <= 7, [q["sql"][:80] for q in queries]
     assert sum("SAVEPOINT" in q["sql"] for q in queries) == 2, [q["sql"][:80] for q in queries]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("error", "lost"),
+    [
+        (psycopg.errors.AdminShutdown("terminating connection due to administrator command"), True),
+        (psycopg.OperationalError("server closed the connection unexpectedly"), True),
+        (psycopg.errors.DeadlockDetected("deadlock detected"), False),
+        (psycopg.errors.QueryCanceled("canceling statement due to statement timeout"), False),
+    ],
+)
+def test_a_session_ended_by_the_server_is_a_lost_connection_even_before_the_socket_says_so(error, lost):
+    """The set path has no savepoint: the runner must retry a lost connection, the batch must not fall back."""
+    from django.db import OperationalError
+
+    from listeners.processing import _connection_lost
+
+    connection.ensure_connection()
+    assert not connection.connection.broken  # the driver has not seen the closed socket yet
+    try:
+        raise OperationalError(str(error)) from error
+    except OperationalError as exc:
+        assert _connection_lost(exc) is lost
