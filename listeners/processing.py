@@ -134,8 +134,17 @@ class _Item:
     decision: Decision | None = None
 
 
-def _prepare(delivery: Delivery, applied: set[tuple[str, str]] | None) -> _Item:
-    """Identity and validity: decide duplicates and invalid messages, decode the rest."""
+class _ReadInboxFirst(Exception):
+    """An attempt without the inbox read met what only that read can decide: run the batch again with it."""
+
+
+def _prepare(delivery: Delivery, applied: set[tuple[str, str]] | None, *, read: bool = True) -> _Item:
+    """Identity and validity: decide duplicates and invalid messages, decode the rest.
+
+    ``read=False``: ``applied`` was not read from the inbox, so an invalid message may be
+    the broken copy of an event applied since (dead letter fixed and replayed): raise
+    :class:`_ReadInboxFirst` instead of dead-lettering it.
+    """
     item = _Item(delivery, event_id_of(delivery), delivery.headers.get("aggregate-version"), time.perf_counter())
     # Identity first: an event this consumer already applied is acked whatever the copy holds
     # (e.g. the original, broken bytes of a dead letter that was fixed and replayed).
@@ -149,6 +158,8 @@ def _prepare(delivery: Delivery, applied: set[tuple[str, str]] | None) -> _Item:
         item.event = contract.decode(delivery.data)
         item.version = getattr(item.event, contract.version_field, None) if contract.version_field else None
     except Exception as exc:  # noqa: BLE001 - whatever the bytes do to the decoder, the message is invalid
+        if not read:
+            raise _ReadInboxFirst from exc
         # A message that can never be valid is dead-lettered and terminated at once.
         error = _describe(exc)
         _dead_letter(delivery, item.event_id, f"invalid message: {error}")
@@ -389,7 +400,7 @@ class _SetFailed(Exception):
         self.group, self.listener_cls, self.messages = group, listener_cls, messages
 
 
-def _apply_group(group: Any, items: list[_Item], applied: set[tuple[str, str]]) -> None:
+def _apply_group(group: Any, items: list[_Item], applied: set[tuple[str, str]], *, read: bool = True) -> None:
     """The set-based path: one ``handle_batch`` call and one inbox INSERT, with no savepoint of their own.
 
     A savepoint around them would cost two round trips (SAVEPOINT, RELEASE) in every
@@ -397,6 +408,10 @@ def _apply_group(group: Any, items: list[_Item], applied: set[tuple[str, str]]) 
     anything in it raises, the whole batch transaction is rolled back and
     :func:`apply_batch` runs it again with this group on the per-message path, which
     gives each event its own outcome (dead letter, retry, duplicate).
+
+    ``read=False`` (the inbox was not read): anything but a clean success — an event
+    the listener did not apply, or the inbox INSERT meeting an event applied before —
+    raises :class:`_ReadInboxFirst` instead, to decide it with the inbox read.
     """
     listener_cls = items[0].delivery.listener
     assert listener_cls is not None
@@ -405,10 +420,16 @@ def _apply_group(group: Any, items: list[_Item], applied: set[tuple[str, str]]) 
         outcomes = listener_cls().handle_batch([i.event for i in items], [i.ctx for i in items])  # type: ignore[misc]
         if len(outcomes) != len(items):
             raise RuntimeError(f"handle_batch returned {len(outcomes)} outcomes for {len(items)} events")
+        if not read and any(_failed(outcome) for outcome in outcomes):
+            raise _ReadInboxFirst
         _insert_inbox([(item, outcome or "applied") for item, outcome in zip(items, outcomes, strict=True)
                        if not _failed(outcome)])  # fmt: skip
+    except _ReadInboxFirst:
+        raise
     except Exception as exc:  # noqa: BLE001 - the per-message path sorts out which event it was
         _ensure_connected(exc)
+        if not read:
+            raise _ReadInboxFirst from exc
         raise _SetFailed(group, listener_cls, len(items)) from exc
     share = (time.perf_counter() - started) * 1000 / len(items)
     for item, outcome in zip(items, outcomes, strict=True):
@@ -427,11 +448,21 @@ def apply_batch(deliveries: list[Delivery]) -> list[Decision]:
     written after the commit, in that order too. When a group's set path fails, the
     transaction is rolled back and the batch applied again with that group's events
     on the per-message path (at most once per group).
+
+    Which events were applied before is read from the inbox first — except in a batch
+    of first deliveries for listeners that allow it (:attr:`Listener.batch_sees_duplicates`):
+    a first delivery is almost never a duplicate, and if it is, the inbox's unique
+    constraint refuses its row and the attempt is rolled back whole and run again with
+    the read. One round trip less per batch in the steady flow.
     """
+    read = not _may_skip_inbox_read(deliveries)
     per_message: set[Any] = set()
     while True:
         try:
-            items = _apply_batch(deliveries, per_message)
+            items = _apply_batch(deliveries, per_message, read=read)
+        except _ReadInboxFirst:
+            read = True
+            continue
         except _SetFailed as failed:
             # Nothing of this attempt was kept. (A lost connection is not a set failure: it
             # raises TransactionBroken, and the runner retries the batch as a whole.)
@@ -452,12 +483,25 @@ def apply_batch(deliveries: list[Delivery]) -> list[Decision]:
     return [item.decision for item in items]  # type: ignore[misc]
 
 
-def _apply_batch(deliveries: list[Delivery], per_message: set[Any]) -> list[_Item]:
+def _may_skip_inbox_read(deliveries: list[Delivery]) -> bool:
+    """First deliveries only, all for set-path listeners that allow it, on PostgreSQL."""
+    if transaction.get_connection().vendor != "postgresql":
+        return False
+    for d in deliveries:
+        listener = d.listener
+        if d.deliveries != 1 or listener is None or not listener.batch_sees_duplicates:
+            return False
+        if listener.batch_group() is None:
+            return False
+    return True
+
+
+def _apply_batch(deliveries: list[Delivery], per_message: set[Any], *, read: bool) -> list[_Item]:
     """One attempt at the batch transaction; the groups in ``per_message`` skip their set path."""
     with transaction.atomic():
-        applied = _already_applied(deliveries)
+        applied = _already_applied(deliveries) if read else set()
         postgres = transaction.get_connection().vendor == "postgresql"
-        items = [_prepare(d, applied) for d in deliveries]
+        items = [_prepare(d, applied, read=read) for d in deliveries]
         groups: dict[Any, list[_Item]] = {}
         single: list[_Item] = []
         later: list[_Item] = []  # a second copy of an event of this batch: decided after the first
@@ -482,7 +526,7 @@ def _apply_batch(deliveries: list[Delivery], per_message: set[Any]) -> list[_Ite
                 for item in sorted(groups[group], key=_lock_key):
                     _handle_one(item, applied)
             else:
-                _apply_group(group, groups[group], applied)
+                _apply_group(group, groups[group], applied, read=read)
         for item in sorted(single, key=_lock_key):
             _handle_one(item, applied)
         for item in later:
