@@ -175,6 +175,8 @@ class OpenPull:
             await self.renew(want)
             if self.error is None:
                 await self._wait(min(wait, max(self.lapse - time.monotonic(), 0.0)), stop)
+                if stop.done():
+                    return []  # what arrived with the stop is handed back, not started
         error, self.error = self.error, None
         if not self.ready and error is not None:
             raise PullError(error)

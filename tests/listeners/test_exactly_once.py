@@ -531,6 +531,42 @@ def test_stopping_hands_back_messages_still_on_the_way_from_an_open_pull():
     assert asyncio.run(scenario()) == [2, 2, 2]
 
 
+def test_a_message_that_arrives_with_the_stop_is_handed_back_not_started():
+    """First SIGTERM: the batch in hand is finished, but no new batch begins."""
+    import asyncio
+
+    from listeners.registry import listeners_for
+    from listeners.runner import ListenerRunner, OpenPull
+
+    publish([ticket("t1", 0)])
+
+    async def scenario() -> tuple[list, int]:
+        runner = ListenerRunner(listeners_for(list(BOTH)), subjects=list(BOTH), ack_wait=120)
+        js = await runner.connect()
+        plan = runner.plans[0]
+        psub = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
+        pull = OpenPull(runner.nc, psub, expires=30.0)
+        stop = asyncio.get_running_loop().create_future()
+        queue = psub._sub._pending_queue
+        put = queue.put_nowait
+
+        def put_and_stop(msg):  # the signal lands in the same turn of the loop as the message
+            put(msg)
+            if not stop.done():
+                stop.set_result(None)
+
+        queue.put_nowait = put_and_stop
+        batch = await pull.next_batch(1, wait=30, stop=stop)
+        await runner._hand_back(pull, plan)
+        again = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
+        [msg] = await again.fetch(1, timeout=10)  # handed back: at once, not after ack_wait
+        await msg.nak()
+        await runner._close()
+        return batch, msg.metadata.num_delivered
+
+    assert asyncio.run(scenario()) == ([], 2)
+
+
 def test_a_stopped_listener_leaves_no_open_pull_to_swallow_later_messages():
     """Its pull requests outlive the process on the server; one must not take a message nobody will read."""
     import asyncio
