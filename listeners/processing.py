@@ -16,7 +16,8 @@ Two ways through a batch, same guarantees:
   own savepoint with its inbox row, so a failing message rolls back only itself.
 
 Which events of the batch were already applied is read with ONE query per batch,
-not one per message.
+not one per message — and not at all for a batch of first deliveries to listeners
+that allow it (see :func:`apply_batch`): the inbox's unique constraint stands guard.
 
 Nothing a message carries can make :func:`apply_batch` raise: bytes that are not
 JSON, not UTF-8, that break the contract or that the database refuses are
