@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import re
 import signal
@@ -65,6 +66,10 @@ CRASH_AFTER_COMMIT_ENV = "LISTENERS_TEST_CRASH_AFTER_COMMIT"
 BATCH_RETRY_MAX = 5.0
 #: Seconds after its expiry when a pull request that was never answered is taken for lost (NATS restarted).
 PULL_GRACE = 0.5
+#: Seconds between two ``close_old_connections()`` before a batch. Each one costs a ``SELECT 1``
+#: round trip (``CONN_HEALTH_CHECKS``) at the batch's BEGIN; a connection that served a batch
+#: a moment ago needs none. After an idle second, or a failed attempt, the batch checks first.
+DB_CHECK_INTERVAL = 1.0
 
 
 def durable_slug(text: str) -> str:
@@ -286,6 +291,7 @@ class ListenerRunner:
         self._stop = asyncio.Event()
         self._last_activity = time.monotonic()
         self._batches = 0
+        self._db_checked_at = -math.inf
         self._crash_after = _crash_after_commit()
         self._stop_task: asyncio.Future | None = None
         self.nc: NATS | None = None
@@ -545,7 +551,7 @@ class ListenerRunner:
         attempt = 0
         while True:
             try:
-                return await self._apply_in_thread(plan, msgs, deliveries, pull)
+                return await self._apply_in_thread(plan, msgs, deliveries, pull, check=attempt > 0)
             except Exception as exc:  # noqa: BLE001 - database down or commit failed: nothing was committed
                 attempt += 1
                 if attempt in (1, 2, 10) or attempt % 50 == 0:
@@ -566,7 +572,7 @@ class ListenerRunner:
                 await self._pause(min(0.2 * 2 ** min(attempt, 10), BATCH_RETRY_MAX, plan.ack_wait / 2))
 
     async def _apply_in_thread(
-        self, plan: ConsumerPlan, msgs: list[Msg], deliveries: list[Delivery], pull: OpenPull
+        self, plan: ConsumerPlan, msgs: list[Msg], deliveries: list[Delivery], pull: OpenPull, *, check: bool
     ) -> list[Decision]:
         """One attempt at the batch transaction; while it lasts long, its messages are kept in progress.
 
@@ -574,8 +580,14 @@ class ListenerRunner:
         otherwise be redelivered while still in hand, and so would the messages the
         open pull delivered behind it: each redelivery spends a delivery. Every
         ``ack_wait / 2`` the batch and the buffered messages are marked in progress.
+
+        The connection is checked first (``close_old_connections()``) when ``check`` (a
+        retry) or when it has not been for :data:`DB_CHECK_INTERVAL`.
         """
-        work = asyncio.ensure_future(sync_to_async(_apply, thread_sensitive=True)(deliveries))
+        now = time.monotonic()
+        if check or now - self._db_checked_at >= DB_CHECK_INTERVAL:
+            check, self._db_checked_at = True, now
+        work = asyncio.ensure_future(sync_to_async(_apply, thread_sensitive=True)(deliveries, check=check))
         started = time.monotonic()
         while True:
             done, _ = await asyncio.wait((work,), timeout=plan.ack_wait / 2)
@@ -601,8 +613,9 @@ def _crash_after_commit() -> int:
         return 0
 
 
-def _apply(deliveries: list[Delivery]) -> list[Decision]:
-    close_old_connections()
+def _apply(deliveries: list[Delivery], *, check: bool = True) -> list[Decision]:
+    if check:
+        close_old_connections()
     return apply_batch(deliveries)
 
 

@@ -446,6 +446,76 @@ def test_a_batch_stuck_on_a_lock_longer_than_ack_wait_is_not_redelivered_nor_are
     assert consumer_info().num_redelivered == 0
 
 
+def _count_health_checks(monkeypatch) -> list[int]:
+    """Every ``is_usable()`` (the ``SELECT 1`` of ``CONN_HEALTH_CHECKS``) any connection runs from now on."""
+    from django.db import connections
+
+    calls: list[int] = []
+    cls = type(connections["default"])
+    real = cls.is_usable
+
+    def is_usable(self):
+        calls.append(1)
+        return real(self)
+
+    monkeypatch.setattr(cls, "is_usable", is_usable)
+    return calls
+
+
+def test_a_steady_flow_checks_its_database_connection_once_not_before_every_batch(monkeypatch):
+    """A connection that served a batch a moment ago needs no SELECT 1 round trip before the next."""
+    monkeypatch.setattr("listeners.runner.DB_CHECK_INTERVAL", 3600.0)  # the whole run is one steady stretch
+    messages = [ticket(f"c{n}", 0) for n in range(10)]
+    publish(messages)
+    checks = _count_health_checks(monkeypatch)
+
+    assert listen("--batch", "1", "--max-messages", "10", "--idle-exit", "30") == (10, {"applied": 10})
+
+    assert len(checks) <= 1  # not one per batch
+    assert_each_applied_once(messages)
+
+
+def test_a_connection_ended_while_the_listener_was_idle_is_replaced_before_the_next_batch(monkeypatch, caplog):
+    """Idle longer than the interval (0 here), the next batch checks its connection first: no failed batch."""
+    import threading
+
+    from django.db import connection
+
+    monkeypatch.setattr("listeners.runner.DB_CHECK_INTERVAL", 0.0)
+    caplog.set_level(logging.INFO, logger="listeners")
+    first, second = ticket("i1", 0), ticket("i2", 0)
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        ours = cur.fetchone()[0]
+    problems: list[BaseException] = []
+
+    def meanwhile() -> None:  # the listener runs in the main thread (it installs signal handlers)
+        try:
+            with psycopg.connect(helpers.test_database_url(), autocommit=True) as admin:
+                publish([first])
+                wait_for(lambda: admin.execute("SELECT count(*) FROM listeners_inboxentry").fetchone()[0] == 1,
+                         timeout=60, what="the first event applied")  # fmt: skip
+                ended = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = "
+                    "current_database() AND pid NOT IN (%s, pg_backend_pid()) AND backend_type = 'client backend'",
+                    [ours],
+                ).fetchone()[0]
+                assert ended >= 1  # the listener's session
+                publish([second])
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            problems.append(exc)
+
+    helper = threading.Thread(target=meanwhile)
+    helper.start()
+    try:
+        assert listen("--max-messages", "2", "--idle-exit", "60") == (2, {"applied": 2})
+    finally:
+        helper.join(120)
+    assert not problems, problems
+    assert not [r for r in caplog.records if "listener.batch_failed" in r.getMessage()]
+    assert_each_applied_once([first, second])
+
+
 def test_stopping_hands_back_messages_a_late_pull_left_in_the_client_buffer():
     """A pull can deliver after the last batch was taken; unacked, those would wait ack_wait (30 s) for anyone."""
     import asyncio
