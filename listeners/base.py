@@ -71,6 +71,10 @@ class Listener:
     #: Redelivery delay while waiting for a missing earlier version; doubles, capped at gap_delay_max.
     gap_delay: ClassVar[float] = 0.1
     gap_delay_max: ClassVar[float] = 5.0
+    #: May :meth:`handle_batch` see an event this consumer applied before, in an attempt that is
+    #: then rolled back whole? True lets a batch of first deliveries skip the inbox read (one
+    #: round trip): for listeners whose ``handle_batch`` only writes to this database.
+    batch_sees_duplicates: ClassVar[bool] = False
 
     def handle(self, event: Event, ctx: Context) -> str | None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -86,7 +90,10 @@ class Listener:
         * raise (anything) to give up: the framework rolls back whatever this call
           wrote and applies the events one by one through :meth:`handle` instead;
         * the inbox rows are the framework's: do not write them; a duplicate event
-          (already in the inbox, or a second copy within the batch) never reaches here.
+          (already in the inbox, or a second copy within the batch) never reaches here —
+          unless the listener sets :attr:`batch_sees_duplicates`: then an event applied
+          before may reach here in a first delivery, in an attempt whose writes are all
+          rolled back when the inbox refuses its row.
 
         It runs in the batch transaction but not inside :func:`outbox.event_context`
         (there is no single causing event): listeners that emit events stay per-message.
@@ -180,6 +187,9 @@ class VersionedReplicaListener(Listener):
     creation_subjects: ClassVar[tuple[str, ...]] = ()
     #: The model field that holds the applied version.
     version_field: ClassVar[str] = "version"
+    #: Its handle_batch only locks and writes replica rows: a duplicate in an attempt that is
+    #: rolled back costs nothing (and is "stale" by version anyway).
+    batch_sees_duplicates: ClassVar[bool] = True
 
     # -- the mapping, per event ------------------------------------------------------
 

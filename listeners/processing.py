@@ -8,14 +8,16 @@ Two ways through a batch, same guarantees:
 
 * **set-based** (listeners that implement :meth:`Listener.handle_batch`, e.g. every
   :class:`listeners.base.VersionedReplicaListener`): the events of one batch group go
-  to one ``handle_batch`` call inside one savepoint, and their inbox rows are written
-  with one INSERT — a fixed number of statements per batch instead of ~5 per event;
-* **per message** (plain ``handle`` listeners, and the fallback whenever a
-  ``handle_batch`` call raises): each message in its own savepoint with its inbox row,
-  so a failing message rolls back only itself.
+  to one ``handle_batch`` call, and their inbox rows are written with one INSERT — a
+  fixed number of statements per batch instead of ~5 per event, and no savepoint:
+  when a ``handle_batch`` call raises, the whole batch transaction is rolled back and
+  run again with that group on the per-message path;
+* **per message** (plain ``handle`` listeners, and that fallback): each message in its
+  own savepoint with its inbox row, so a failing message rolls back only itself.
 
 Which events of the batch were already applied is read with ONE query per batch,
-not one per message.
+not one per message — and not at all for a batch of first deliveries to listeners
+that allow it (see :func:`apply_batch`): the inbox's unique constraint stands guard.
 
 Nothing a message carries can make :func:`apply_batch` raise: bytes that are not
 JSON, not UTF-8, that break the contract or that the database refuses are
@@ -31,7 +33,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import DataError, IntegrityError, transaction
+from django.db import DataError, IntegrityError, InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
 from listeners.base import Context, Listener, rows_source, set_cursor
@@ -133,8 +135,17 @@ class _Item:
     decision: Decision | None = None
 
 
-def _prepare(delivery: Delivery, applied: set[tuple[str, str]] | None) -> _Item:
-    """Identity and validity: decide duplicates and invalid messages, decode the rest."""
+class _ReadInboxFirst(Exception):
+    """An attempt without the inbox read met what only that read can decide: run the batch again with it."""
+
+
+def _prepare(delivery: Delivery, applied: set[tuple[str, str]] | None, *, read: bool = True) -> _Item:
+    """Identity and validity: decide duplicates and invalid messages, decode the rest.
+
+    ``read=False``: ``applied`` was not read from the inbox, so an invalid message may be
+    the broken copy of an event applied since (dead letter fixed and replayed): raise
+    :class:`_ReadInboxFirst` instead of dead-lettering it.
+    """
     item = _Item(delivery, event_id_of(delivery), delivery.headers.get("aggregate-version"), time.perf_counter())
     # Identity first: an event this consumer already applied is acked whatever the copy holds
     # (e.g. the original, broken bytes of a dead letter that was fixed and replayed).
@@ -148,6 +159,8 @@ def _prepare(delivery: Delivery, applied: set[tuple[str, str]] | None) -> _Item:
         item.event = contract.decode(delivery.data)
         item.version = getattr(item.event, contract.version_field, None) if contract.version_field else None
     except Exception as exc:  # noqa: BLE001 - whatever the bytes do to the decoder, the message is invalid
+        if not read:
+            raise _ReadInboxFirst from exc
         # A message that can never be valid is dead-lettered and terminated at once.
         error = _describe(exc)
         _dead_letter(delivery, item.event_id, f"invalid message: {error}")
@@ -286,6 +299,33 @@ def _ensure_committable(cause: BaseException | None = None) -> None:
         raise TransactionBroken(f"the batch transaction cannot commit any more: {reason}") from cause
 
 
+def _ensure_connected(cause: BaseException) -> None:
+    """Raise TransactionBroken when the connection itself failed (not a statement of the batch).
+
+    Without a savepoint, nothing else tells the two apart in time: Django reconnects
+    while it closes the transaction, and the next attempt would run — quietly — on a
+    new connection. A lost connection is the runner's to retry, and to report.
+    """
+    if _connection_lost(cause):
+        raise TransactionBroken(f"the batch transaction cannot commit any more: {cause}") from cause
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    raw = transaction.get_connection().connection
+    if raw is None or getattr(raw, "broken", False) or getattr(raw, "closed", False):
+        return True
+    if isinstance(exc, InterfaceError):
+        return True
+    driver_error = exc.__cause__
+    if isinstance(exc, OperationalError) and hasattr(driver_error, "sqlstate"):
+        # The server's message can be read before the closed socket is: go by the error too.
+        # No SQLSTATE: the client lost the server; 08: connection exception; 57P: the session
+        # was terminated (admin or crash shutdown). Deadlocks, timeouts ... have their own.
+        sqlstate = driver_error.sqlstate  # type: ignore[union-attr]
+        return sqlstate is None or sqlstate.startswith(("08", "57P"))
+    return False
+
+
 def _failure(listener_cls: type[Listener], ctx: Context, delivery: Delivery, exc: Exception) -> Decision:
     error = f"{type(exc).__name__}: {exc}"
     if ctx.deliveries >= listener_cls.max_deliver:
@@ -353,34 +393,45 @@ def _lock_key(item: _Item) -> tuple[str, str]:
     return headers.get("aggregate-type", ""), headers.get("aggregate-id", "")
 
 
-def _apply_group(items: list[_Item], applied: set[tuple[str, str]]) -> None:
-    """The set-based path: one ``handle_batch`` call and one inbox INSERT in one savepoint.
+class _SetFailed(Exception):
+    """A batch group's set path raised: the batch transaction is rolled back and run again without it."""
 
-    If anything in it raises, the savepoint is rolled back and the same events take the
-    per-message path, which gives each its own outcome (dead letter, retry, duplicate).
+    def __init__(self, group: Any, listener_cls: type[Listener], messages: int) -> None:
+        super().__init__(group)
+        self.group, self.listener_cls, self.messages = group, listener_cls, messages
+
+
+def _apply_group(group: Any, items: list[_Item], applied: set[tuple[str, str]], *, read: bool = True) -> None:
+    """The set-based path: one ``handle_batch`` call and one inbox INSERT, with no savepoint of their own.
+
+    A savepoint around them would cost two round trips (SAVEPOINT, RELEASE) in every
+    batch to save work only in the rare batch where the set path fails. Instead, if
+    anything in it raises, the whole batch transaction is rolled back and
+    :func:`apply_batch` runs it again with this group on the per-message path, which
+    gives each event its own outcome (dead letter, retry, duplicate).
+
+    ``read=False`` (the inbox was not read): anything but a clean success — an event
+    the listener did not apply, or the inbox INSERT meeting an event applied before —
+    raises :class:`_ReadInboxFirst` instead, to decide it with the inbox read.
     """
     listener_cls = items[0].delivery.listener
     assert listener_cls is not None
     started = time.perf_counter()
     try:
-        with transaction.atomic():
-            outcomes = listener_cls().handle_batch([i.event for i in items], [i.ctx for i in items])  # type: ignore[misc]
-            if len(outcomes) != len(items):
-                raise RuntimeError(f"handle_batch returned {len(outcomes)} outcomes for {len(items)} events")
-            _insert_inbox([(item, outcome or "applied") for item, outcome in zip(items, outcomes, strict=True)
-                           if not _failed(outcome)])  # fmt: skip
+        outcomes = listener_cls().handle_batch([i.event for i in items], [i.ctx for i in items])  # type: ignore[misc]
+        if len(outcomes) != len(items):
+            raise RuntimeError(f"handle_batch returned {len(outcomes)} outcomes for {len(items)} events")
+        if not read and any(_failed(outcome) for outcome in outcomes):
+            raise _ReadInboxFirst
+        _insert_inbox([(item, outcome or "applied") for item, outcome in zip(items, outcomes, strict=True)
+                       if not _failed(outcome)])  # fmt: skip
+    except _ReadInboxFirst:
+        raise
     except Exception as exc:  # noqa: BLE001 - the per-message path sorts out which event it was
-        _ensure_committable(exc)
-        logger.info(
-            "listener.batch_fallback listener=%s messages=%d error=%s: %s",
-            listener_cls.__name__,
-            len(items),
-            type(exc).__name__,
-            str(exc).splitlines()[0][:300] if str(exc) else "",
-        )
-        for item in sorted(items, key=_lock_key):
-            _handle_one(item, applied)
-        return
+        _ensure_connected(exc)
+        if not read:
+            raise _ReadInboxFirst from exc
+        raise _SetFailed(group, listener_cls, len(items)) from exc
     share = (time.perf_counter() - started) * 1000 / len(items)
     for item, outcome in zip(items, outcomes, strict=True):
         if _failed(outcome):
@@ -395,12 +446,63 @@ def apply_batch(deliveries: list[Delivery]) -> list[Decision]:
     """Apply a batch in one transaction; the caller acks after this returns.
 
     Decisions come back in the order of ``deliveries``; the per-event log lines are
-    written after the commit, in that order too.
+    written after the commit, in that order too. When a group's set path fails, the
+    transaction is rolled back and the batch applied again with that group's events
+    on the per-message path (at most once per group).
+
+    Which events were applied before is read from the inbox first — except in a batch
+    of first deliveries for listeners that allow it (:attr:`Listener.batch_sees_duplicates`):
+    a first delivery is almost never a duplicate, and if it is, the inbox's unique
+    constraint refuses its row and the attempt is rolled back whole and run again with
+    the read. One round trip less per batch in the steady flow.
     """
+    read = not _may_skip_inbox_read(deliveries)
+    per_message: set[Any] = set()
+    while True:
+        try:
+            items = _apply_batch(deliveries, per_message, read=read)
+        except _ReadInboxFirst:
+            read = True
+            continue
+        except _SetFailed as failed:
+            # Nothing of this attempt was kept. (A lost connection is not a set failure: it
+            # raises TransactionBroken, and the runner retries the batch as a whole.)
+            cause = failed.__cause__
+            logger.info(
+                "listener.batch_fallback listener=%s messages=%d error=%s: %s",
+                failed.listener_cls.__name__,
+                failed.messages,
+                type(cause).__name__,
+                str(cause).splitlines()[0][:300] if str(cause) else "",
+            )
+            per_message.add(failed.group)
+            continue
+        break
+    if logger.isEnabledFor(logging.INFO):
+        for item in items:
+            _log(item)
+    return [item.decision for item in items]  # type: ignore[misc]
+
+
+def _may_skip_inbox_read(deliveries: list[Delivery]) -> bool:
+    """First deliveries only, all for set-path listeners that allow it, on PostgreSQL."""
+    if transaction.get_connection().vendor != "postgresql":
+        return False
+    for d in deliveries:
+        listener = d.listener
+        if d.deliveries != 1 or listener is None or not listener.batch_sees_duplicates:
+            return False
+        if listener.batch_group() is None:
+            return False
+    return True
+
+
+def _apply_batch(deliveries: list[Delivery], per_message: set[Any], *, read: bool) -> list[_Item]:
+    """One attempt at the batch transaction; the groups in ``per_message`` skip their set path."""
     with transaction.atomic():
-        applied = _already_applied(deliveries)
+        applied = _already_applied(deliveries) if read else set()
         postgres = transaction.get_connection().vendor == "postgresql"
-        items = [_prepare(d, applied) for d in deliveries]
+        items = [_prepare(d, applied, read=read) for d in deliveries]
         groups: dict[Any, list[_Item]] = {}
         single: list[_Item] = []
         later: list[_Item] = []  # a second copy of an event of this batch: decided after the first
@@ -421,7 +523,11 @@ def apply_batch(deliveries: list[Delivery]) -> list[Decision]:
             else:
                 groups.setdefault(group, []).append(item)
         for group in sorted(groups, key=repr):
-            _apply_group(groups[group], applied)
+            if group in per_message:
+                for item in sorted(groups[group], key=_lock_key):
+                    _handle_one(item, applied)
+            else:
+                _apply_group(group, groups[group], applied, read=read)
         for item in sorted(single, key=_lock_key):
             _handle_one(item, applied)
         for item in later:
@@ -430,10 +536,7 @@ def apply_batch(deliveries: list[Delivery]) -> list[Decision]:
             else:
                 _handle_one(item, applied)
         _ensure_committable()
-    if logger.isEnabledFor(logging.INFO):
-        for item in items:
-            _log(item)
-    return [item.decision for item in items]  # type: ignore[misc]
+    return items
 
 
 def dead_letter_replay(*, dead_letter_id: int) -> Decision:

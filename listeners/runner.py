@@ -1,23 +1,27 @@
 """The asyncio side of a listener process: durable pull consumers, fetch, ack.
 
-The event loop owns the single NATS connection. Each fetched batch is handed to
-:func:`listeners.processing.apply_batch` on Django's thread-sensitive executor (one
-synchronous ``atomic`` per batch); messages are acked, nak'ed or terminated only
-after that call returned, i.e. after the commit.
+The event loop owns the single NATS connection. Each durable consumer keeps about a
+batch of pull credit open (:class:`OpenPull`), so messages arrive while the batch
+before them is applied; a batch is what has arrived, from one message to ``--batch``.
+It is handed to :func:`listeners.processing.apply_batch` on Django's thread-sensitive
+executor (one synchronous ``atomic`` per batch); messages are acked, nak'ed or
+terminated only after that call returned, i.e. after the commit.
 
 Failures and what they cost:
 
 * a message the listener cannot apply is decided in :mod:`listeners.processing`
   (nak with a delay, or dead letter + term);
 * a batch the *database* could not take (connection lost, commit failed) is retried
-  here, in place, with the messages kept in progress: a database outage does not
-  spend JetStream deliveries, so it can never push a message past ``max_deliver``;
-* a NATS outage is ridden out by the client's reconnection; fetches fail quietly
-  and resume, and an ack lost on the way is a redelivery the inbox absorbs;
+  here, in place, with the messages kept in progress (the batch and what was
+  delivered behind it): a database outage does not spend JetStream deliveries, so it
+  can never push a message past ``max_deliver``;
+* a NATS outage is ridden out by the client's reconnection; pull requests the server
+  forgot are renewed after a reconnect or once they must have expired, and an ack
+  lost on the way is a redelivery the inbox absorbs;
 * on the first SIGINT/SIGTERM the runner stops fetching, finishes and acks the
-  batch in hand, hands back (nak) what the client had buffered but not started, and
-  flushes the acks before closing — so a restart finds every message at once instead
-  of after ``ack_wait``.
+  batch in hand, hands back (nak) what the client had buffered but not started —
+  including what was still on the wire — and flushes the acks before closing — so a
+  restart finds every message at once instead of after ``ack_wait``.
 
 Fault injection: ``LISTENERS_TEST_CRASH_AFTER_COMMIT=N`` makes the process SIGKILL
 itself right after its N-th batch committed and before any of it is acked. It exists
@@ -29,13 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import re
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
-import nats.errors
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections, connections
 from nats.aio.client import Client as NATS
@@ -59,8 +64,12 @@ _DURABLE_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 CRASH_AFTER_COMMIT_ENV = "LISTENERS_TEST_CRASH_AFTER_COMMIT"
 #: Upper bound of the pause between two attempts at a batch the database refused.
 BATCH_RETRY_MAX = 5.0
-#: Bound on the wait for the answer to a ``no_wait`` pull (the server answers at once).
-NO_WAIT_TIMEOUT = 2.0
+#: Seconds after its expiry when a pull request that was never answered is taken for lost (NATS restarted).
+PULL_GRACE = 0.5
+#: Seconds between two ``close_old_connections()`` before a batch. Each one costs a ``SELECT 1``
+#: round trip (``CONN_HEALTH_CHECKS``) at the batch's BEGIN; a connection that served a batch
+#: a moment ago needs none. After an idle second, or a failed attempt, the batch checks first.
+DB_CHECK_INTERVAL = 1.0
 
 
 def durable_slug(text: str) -> str:
@@ -134,6 +143,125 @@ class RunStats:
         self.outcomes[decision.outcome] = self.outcomes.get(decision.outcome, 0) + 1
 
 
+class PullError(Exception):
+    """JetStream answered a pull request with an error status (503: no such consumer, 409: conflict ...)."""
+
+
+class OpenPull:
+    """Pull requests kept open on a durable consumer, so that messages reach the client before a batch asks.
+
+    A ``no_wait`` pull before each batch costs a round trip to the server, and while a
+    batch is applied no pull is open, so nothing is delivered. Instead about one batch
+    of credit is kept open: an expiring request (``expires``) for what is missing,
+    renewed when what the open requests still owe falls to half a batch — they owe
+    one message less per delivery, and what a request did not deliver when it ended
+    (``408`` with ``Nats-Pending-Messages``) — and from nothing when they have all
+    expired or the connection was re-established (a restarted server forgot them).
+    A batch is what has arrived, at least one message and at most ``want``: the first
+    message starts it, later ones form the next.
+    """
+
+    def __init__(self, nc: NATS, psub, *, expires: float) -> None:
+        self.nc = nc
+        self.psub = psub
+        self.sub = psub._sub
+        self.queue: asyncio.Queue = self.sub._pending_queue
+        self.expires = expires
+        self.ready: deque[Msg] = deque()  # delivered, in no batch yet
+        self.owed = 0  # messages the open requests may still deliver
+        self.lapse = 0.0  # monotonic: every open request has expired on the server by then
+        self.reconnects = nc.stats["reconnects"]
+        self.error: str | None = None
+
+    async def next_batch(self, want: int, *, wait: float, stop: asyncio.Future) -> list[Msg]:
+        """Up to ``want`` delivered messages; waits up to ``wait`` seconds (or until ``stop``) for the first."""
+        self._receive()
+        if not self.ready:
+            await self.renew(want)
+            if self.error is None:
+                await self._wait(min(wait, max(self.lapse - time.monotonic(), 0.0)), stop)
+                if stop.done():
+                    return []  # what arrived with the stop is handed back, not started
+        error, self.error = self.error, None
+        if not self.ready and error is not None:
+            raise PullError(error)
+        ready = self.ready
+        return [ready.popleft() for _ in range(min(want, len(ready)))]
+
+    async def renew(self, want: int) -> None:
+        """Keep about ``want`` messages coming: ask for what is missing when it is half a batch or more."""
+        now = time.monotonic()
+        reconnects = self.nc.stats["reconnects"]
+        if reconnects != self.reconnects or now >= self.lapse:
+            self.reconnects = reconnects
+            self.owed = 0
+        missing = want - self.owed - len(self.ready)
+        if missing <= 0 or (self.owed and missing < want - want // 2):
+            return
+        await self.nc.publish(
+            self.psub._nms,
+            b'{"batch":%d,"expires":%d}' % (missing, int(self.expires * 1e9)),
+            reply=self.psub._deliver,
+        )
+        self.owed += missing
+        self.lapse = now + self.expires + PULL_GRACE
+
+    def buffered(self) -> list[Msg]:
+        """The delivered messages no batch has taken yet."""
+        self._receive()
+        return list(self.ready)
+
+    async def close(self) -> int:
+        """End the subscription without losing a delivery; nak every message no batch took. Returns how many."""
+        try:
+            # UNSUB first, the subscription still registered: what the server sent before it
+            # reads the UNSUB lands in the queue; the PING round trip makes sure it has landed.
+            await self.nc._send_unsubscribe(self.sub._id)
+            await self.nc.flush(timeout=5)
+        finally:
+            self._receive()
+            returned = 0
+            while self.ready:
+                await _safe(self.ready.popleft().nak())
+                returned += 1
+            await self.psub.unsubscribe()
+        return returned
+
+    async def _wait(self, timeout: float, stop: asyncio.Future) -> None:
+        """Wait for the next delivery (or status), at most ``timeout`` seconds; return early on ``stop``."""
+        getter = asyncio.ensure_future(self.queue.get())
+        try:
+            await asyncio.wait((getter, stop), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if getter.done() and not getter.cancelled():
+                self._note(getter.result())
+            else:
+                getter.cancel()
+        self._receive()
+
+    def _receive(self) -> None:
+        queue = self.queue
+        while not queue.empty():
+            self._note(queue.get_nowait())
+
+    def _note(self, msg: Msg) -> None:
+        self.sub._pending_size -= len(msg.data)
+        self.queue.task_done()
+        status = msg.headers.get("Status") if msg.headers else None
+        if not status:
+            self.owed = max(self.owed - 1, 0)
+            self.ready.append(msg)
+            return
+        if status == "100":  # idle heartbeat
+            return
+        # A request ended: what it did not deliver is no longer owed.
+        undelivered = msg.headers.get("Nats-Pending-Messages")  # type: ignore[union-attr]
+        self.owed = max(self.owed - int(undelivered), 0) if undelivered and undelivered.isdigit() else 0
+        if status not in ("404", "408"):  # 404: nothing (no_wait), 408: expired; the rest is trouble
+            description = msg.headers.get("Description", "")  # type: ignore[union-attr]
+            self.error = f"{status} {description}".strip()
+
+
 class ListenerRunner:
     def __init__(
         self,
@@ -163,7 +291,9 @@ class ListenerRunner:
         self._stop = asyncio.Event()
         self._last_activity = time.monotonic()
         self._batches = 0
+        self._db_checked_at = -math.inf
         self._crash_after = _crash_after_commit()
+        self._stop_task: asyncio.Future | None = None
         self.nc: NATS | None = None
         self.plans: list[ConsumerPlan] = []
 
@@ -263,6 +393,8 @@ class ListenerRunner:
             tasks = [asyncio.create_task(self._consume(js, plan)) for plan in self.plans]
             await asyncio.gather(*tasks)
         finally:
+            if self._stop_task is not None:
+                self._stop_task.cancel()
             await self._close()
             await sync_to_async(connections.close_all, thread_sensitive=True)()
         return self.stats
@@ -285,16 +417,14 @@ class ListenerRunner:
 
     async def _consume(self, js: JetStreamContext, plan: ConsumerPlan) -> None:
         psub = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
+        assert self.nc is not None
+        pull = OpenPull(self.nc, psub, expires=self.fetch_timeout)
         failures = 0
         try:
             while not self._done():
-                want = self.batch
-                if self.max_messages is not None:
-                    want = max(1, min(want, self.max_messages - self.stats.handled))
+                want = max(self._want(0), 1)
                 try:
-                    msgs = await self._fetch(psub, want)
-                except nats.errors.TimeoutError:
-                    continue
+                    msgs = await pull.next_batch(want, wait=self._wait_limit(), stop=self._stop_waiter())
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - NATS restarting: reconnect is automatic
@@ -314,54 +444,30 @@ class ListenerRunner:
                 if not msgs:
                     continue
                 self._last_activity = time.monotonic()
-                await self._process(plan, msgs)
+                if not self.stopping:
+                    # Ask for the next batch now: it is delivered while this one is applied.
+                    await _safe(pull.renew(self._want(len(msgs))))
+                await self._process(plan, msgs, pull)
                 self._last_activity = time.monotonic()
         finally:
-            await self._hand_back(psub, plan)
+            await self._hand_back(pull, plan)
 
-    async def _fetch(self, psub, want: int) -> list[Msg]:
-        """What the stream holds now (up to ``want``) at once; when it holds nothing, wait for the next message.
+    def _want(self, in_hand: int) -> int:
+        """The next batch's size: ``--batch``, or what is left of ``--max-messages`` beside the messages in hand."""
+        if self.max_messages is None:
+            return self.batch
+        return max(0, min(self.batch, self.max_messages - self.stats.handled - in_hand))
 
-        ``psub.fetch(n)`` on an idle consumer leaves a pull for ``n`` open and, once the
-        first message arrives, waits for the other ``n - 1`` until its timeout: a lone
-        event would sit up to ``fetch_timeout`` before being applied. Here a busy stream
-        is pulled with ``no_wait`` (a full batch when there is one, less when there is
-        not), and an idle one with a pull for ONE message, which returns on arrival;
-        whatever else arrived meanwhile joins it.
-        """
-        msgs = await self._available(psub, want)
-        if msgs is None:  # a client without the attributes used below: its own fetch
-            return await psub.fetch(want, timeout=self.fetch_timeout)
-        if msgs:
-            return msgs
-        msgs = await psub.fetch(1, timeout=self.fetch_timeout)
-        if want > 1:
-            msgs += await self._available(psub, want - len(msgs)) or []
-        return msgs
+    def _wait_limit(self) -> float:
+        """How long one wait for messages may last before the loop looks at its exit conditions again."""
+        if self.idle_exit is None:
+            return self.fetch_timeout
+        return max(0.0, min(self.fetch_timeout, self._last_activity + self.idle_exit - time.monotonic()) + 0.01)
 
-    async def _available(self, psub, want: int) -> list[Msg] | None:
-        """One ``no_wait`` pull: the messages the consumer can deliver right now, at most ``want``."""
-        sub, subject, inbox = getattr(psub, "_sub", None), getattr(psub, "_nms", None), getattr(psub, "_deliver", None)
-        if not hasattr(sub, "_pending_queue") or not subject or not inbox or self.nc is None:
-            return None
-        await self.nc.publish(subject, _pull_request(want), reply=inbox)
-        queue = sub._pending_queue
-        msgs: list[Msg] = []
-        try:
-            while len(msgs) < want:
-                if queue.empty():
-                    msg = await sub.next_msg(timeout=NO_WAIT_TIMEOUT)
-                else:  # what next_msg does, without a task and a timer per message
-                    msg = queue.get_nowait()
-                    sub._pending_size -= len(msg.data)
-                    queue.task_done()
-                if msg.headers and msg.headers.get("Status"):
-                    # 404 no messages / 408 expired / 409 ...: this pull (or an older one) is over.
-                    break
-                msgs.append(msg)
-        except nats.errors.TimeoutError:
-            pass  # what did not arrive in time stays queued for the next pull
-        return msgs
+    def _stop_waiter(self) -> asyncio.Future:
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._stop.wait())
+        return self._stop_task
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake at once when asked to stop."""
@@ -370,30 +476,26 @@ class ListenerRunner:
         except TimeoutError:
             pass
 
-    async def _hand_back(self, psub, plan: ConsumerPlan) -> None:
-        """Nak the messages the client buffered for a fetch that never handed them to us.
+    async def _hand_back(self, pull: OpenPull, plan: ConsumerPlan) -> None:
+        """Nak the messages the client holds that no batch took, including those still on the way.
 
-        A pull can deliver a little after ``fetch`` returned; such messages sit in the
-        subscription's queue. Unacked, they would wait ``ack_wait`` before anyone got
-        them again; a plain nak makes them available at once.
+        The pull requests stay open on the server until they expire; the subscription is
+        closed in two steps so that none of their messages is lost in between: UNSUB
+        (the server delivers nothing more once it has read it), a PING round trip (what
+        it sent before has arrived), then every buffered message is handed back. A plain
+        nak makes them available at once; unacked, they would wait ``ack_wait``.
         """
         if self.nc is None or self.nc.is_closed:
             return
-        queue = getattr(getattr(psub, "_sub", None), "_pending_queue", None)
+        returned = 0
         try:
-            await psub.unsubscribe()
+            returned = await pull.close()
         except Exception as exc:  # noqa: BLE001 - the connection may be gone; redelivery covers it
             logger.debug("listener.unsubscribe_failed durable=%s error=%s", plan.durable, exc)
-        returned = 0
-        while queue is not None and not queue.empty():
-            msg = queue.get_nowait()
-            if msg.reply and not (msg.headers or {}).get("Status"):
-                await _safe(msg.nak())
-                returned += 1
         if returned:
             logger.info("listener.handed_back durable=%s messages=%d", plan.durable, returned)
 
-    async def _process(self, plan: ConsumerPlan, msgs: list[Msg]) -> None:
+    async def _process(self, plan: ConsumerPlan, msgs: list[Msg], pull: OpenPull) -> None:
         names = plan.event_names  # NATS subject -> event name, filled as subjects are met
         deliveries = []
         for msg in msgs:
@@ -413,7 +515,7 @@ class ListenerRunner:
                     plan.listeners.get(name),
                 )
             )
-        decisions = await self._apply_until_committed(plan, msgs, deliveries)
+        decisions = await self._apply_until_committed(plan, msgs, deliveries, pull)
         if decisions is None:
             return
         self._batches += 1
@@ -436,18 +538,20 @@ class ListenerRunner:
                 stats.add(decision)
 
     async def _apply_until_committed(
-        self, plan: ConsumerPlan, msgs: list[Msg], deliveries: list[Delivery]
+        self, plan: ConsumerPlan, msgs: list[Msg], deliveries: list[Delivery], pull: OpenPull
     ) -> list[Decision] | None:
         """Run the batch transaction; retry it in place while the database refuses it.
 
         Nothing was committed when it raised, so trying again is safe. The messages are
-        kept "in progress" meanwhile, so JetStream neither redelivers them nor counts
-        deliveries. Asked to stop, the runner hands them back instead (None).
+        kept "in progress" meanwhile — the batch and those buffered behind it — so
+        JetStream neither redelivers them nor counts deliveries; the pause between two
+        attempts stays under ``ack_wait``. Asked to stop, the runner hands them back
+        instead (None).
         """
         attempt = 0
         while True:
             try:
-                return await sync_to_async(_apply, thread_sensitive=True)(deliveries)
+                return await self._apply_in_thread(plan, msgs, deliveries, pull, check=attempt > 0)
             except Exception as exc:  # noqa: BLE001 - database down or commit failed: nothing was committed
                 attempt += 1
                 if attempt in (1, 2, 10) or attempt % 50 == 0:
@@ -463,13 +567,42 @@ class ListenerRunner:
                     for msg in msgs:
                         await _safe(msg.nak(delay=1.0))
                     return None
-                for msg in msgs:
+                for msg in (*msgs, *pull.buffered()):
                     await _safe(msg.in_progress())
-                await self._pause(min(0.2 * 2 ** min(attempt, 10), BATCH_RETRY_MAX))
+                await self._pause(min(0.2 * 2 ** min(attempt, 10), BATCH_RETRY_MAX, plan.ack_wait / 2))
 
+    async def _apply_in_thread(
+        self, plan: ConsumerPlan, msgs: list[Msg], deliveries: list[Delivery], pull: OpenPull, *, check: bool
+    ) -> list[Decision]:
+        """One attempt at the batch transaction; while it lasts long, its messages are kept in progress.
 
-def _pull_request(batch: int) -> bytes:
-    return b'{"batch":%d,"no_wait":true}' % batch
+        A batch waiting on a lock (or a slow commit) for longer than ``ack_wait`` would
+        otherwise be redelivered while still in hand, and so would the messages the
+        open pull delivered behind it: each redelivery spends a delivery. Every
+        ``ack_wait / 2`` the batch and the buffered messages are marked in progress.
+
+        The connection is checked first (``close_old_connections()``) when ``check`` (a
+        retry) or when it has not been for :data:`DB_CHECK_INTERVAL`.
+        """
+        now = time.monotonic()
+        if check or now - self._db_checked_at >= DB_CHECK_INTERVAL:
+            check, self._db_checked_at = True, now
+        work = asyncio.ensure_future(sync_to_async(_apply, thread_sensitive=True)(deliveries, check=check))
+        started = time.monotonic()
+        while True:
+            done, _ = await asyncio.wait((work,), timeout=plan.ack_wait / 2)
+            if done:
+                return work.result()
+            held = (*msgs, *pull.buffered())
+            for msg in held:
+                await _safe(msg.in_progress())
+            logger.warning(
+                "listener.batch_slow durable=%s messages=%d seconds=%.1f: %d message(s) kept in progress",
+                plan.durable,
+                len(msgs),
+                time.monotonic() - started,
+                len(held),
+            )
 
 
 def _crash_after_commit() -> int:
@@ -480,8 +613,9 @@ def _crash_after_commit() -> int:
         return 0
 
 
-def _apply(deliveries: list[Delivery]) -> list[Decision]:
-    close_old_connections()
+def _apply(deliveries: list[Delivery], *, check: bool = True) -> list[Decision]:
+    if check:
+        close_old_connections()
     return apply_batch(deliveries)
 
 

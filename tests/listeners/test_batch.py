@@ -143,6 +143,29 @@ def test_a_poison_event_sends_its_batch_down_the_per_message_path_and_the_rest_s
     assert InboxEntry.objects.count() == 2
 
 
+@pytest.mark.django_db
+def test_a_failed_set_path_is_rolled_back_whole_and_leaves_one_dead_letter_per_bad_message():
+    """The fallback runs the batch again from scratch: nothing of the first attempt may stay twice."""
+    not_json = Delivery(
+        event_name="ticket:created",
+        data=b"{not json",
+        headers={"Nats-Msg-Id": str(uuid.uuid4())},
+        stream="T_TICKETS",
+        stream_sequence=9,
+        deliveries=1,
+        consumer=REPLICA,
+        listener=TicketCreatedListener,
+    )
+    batch = [delivery("t1", 0), not_json, delivery("t2", 0, price=1e20), delivery("t1", 1)]
+
+    decisions = apply_batch(batch)
+
+    assert [d.outcome for d in decisions] == ["applied", "dead:invalid", "dead:data", "applied"]
+    assert sorted(DeadLetter.objects.values_list("stream_sequence", flat=True)) == [1, 9]
+    assert dict(TicketReplica.objects.values_list("id", "version")) == {"t1": 1}
+    assert InboxEntry.objects.count() == 2
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_row_created_by_another_process_after_the_lock_turns_into_a_per_message_decision():
     """The set's INSERT meets a row another transaction created meanwhile: no overwrite, no lost event."""
@@ -175,6 +198,80 @@ def test_a_batch_of_replica_events_costs_a_fixed_number_of_statements(size):
     with CaptureQueriesContext(connection) as queries:
         decisions = apply_batch(batch)
     assert {d.outcome for d in decisions} == {"applied"}
-    # The batch's own transaction (a savepoint here, inside the test's), the inbox read, the set's
-    # SAVEPOINT, SELECT ... FOR UPDATE, INSERT new, UPDATE changed, INSERT inbox, two RELEASEs.
-    assert len(queries) <= 9, [q["sql"][:80] for q in queries]
+    # The batch's own transaction (a savepoint here, inside the test's), SELECT ... FOR UPDATE,
+    # INSERT new, UPDATE changed, INSERT inbox, its RELEASE: the set path has no savepoint of
+    # its own (each one costs two round trips in every batch), and first deliveries need no
+    # inbox read (the inbox's unique constraint catches the rare duplicate).
+    assert len(queries) <= 6, [q["sql"][:80] for q in queries]
+    assert sum("SAVEPOINT" in q["sql"] for q in queries) == 2, [q["sql"][:80] for q in queries]
+    assert not [q for q in queries if q["sql"].startswith("SELECT") and "listeners_inboxentry" in q["sql"]]
+
+
+def _inbox_reads(queries) -> int:
+    return sum(q["sql"].startswith("SELECT") and "listeners_inboxentry" in q["sql"] for q in queries)
+
+
+@pytest.mark.django_db
+def test_first_deliveries_of_events_applied_before_are_duplicates_though_the_inbox_was_not_read_first():
+    """A re-publish after the dedup window is a first delivery: the inbox still absorbs it, nothing changes."""
+    done = [delivery("d1", 0), delivery("d1", 1), delivery("d2", 0)]
+    apply_batch(done)
+    before = _state()
+    copies = [_copy(done[1]), delivery("d3", 0), _copy(done[0]), delivery("d2", 1), _copy(done[2])]
+
+    with CaptureQueriesContext(connection) as queries:
+        decisions = apply_batch(copies)
+
+    assert [d.outcome for d in decisions] == ["duplicate", "applied", "duplicate", "applied", "duplicate"]
+    assert _inbox_reads(queries) == 1  # the attempt without the read was refused by the inbox, then read
+    replicas, _ = _state()
+    assert replicas["d1"] == before[0]["d1"]
+    assert (replicas["d2"][0], replicas["d3"][0]) == (1, 0)
+    assert InboxEntry.objects.count() == 5
+    assert sorted(InboxEntry.objects.values_list("event_id", flat=True)) == sorted(
+        d.headers["Nats-Msg-Id"] for d in [*done, copies[1], copies[3]]
+    )
+
+
+@pytest.mark.django_db
+def test_redelivered_messages_read_the_inbox_before_anything_else():
+    """A redelivery is often a duplicate (a crash between commit and ack): decided by the read, in one attempt."""
+    done = [delivery("r1", 0), delivery("r2", 0)]
+    apply_batch(done)
+    again = [_copy(d, deliveries=2) for d in done]
+
+    with CaptureQueriesContext(connection) as queries:
+        decisions = apply_batch(again)
+
+    assert [d.outcome for d in decisions] == ["duplicate", "duplicate"]
+    assert _inbox_reads(queries) == 1
+    assert not [q for q in queries if "FOR UPDATE" in q["sql"]]  # no attempt went further than the read
+
+
+def _copy(d: Delivery, *, deliveries: int = 1) -> Delivery:
+    return Delivery(d.event_name, d.data, dict(d.headers), d.stream, d.stream_sequence, deliveries, d.consumer,
+                    d.listener)  # fmt: skip
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("error", "lost"),
+    [
+        (psycopg.errors.AdminShutdown("terminating connection due to administrator command"), True),
+        (psycopg.OperationalError("server closed the connection unexpectedly"), True),
+        (psycopg.errors.DeadlockDetected("deadlock detected"), False),
+        (psycopg.errors.QueryCanceled("canceling statement due to statement timeout"), False),
+    ],
+)
+def test_a_session_ended_by_the_server_is_a_lost_connection_even_before_the_socket_says_so(error, lost):
+    """The set path has no savepoint: the runner must retry a lost connection, the batch must not fall back."""
+    from django.db import OperationalError
+
+    from listeners.processing import _connection_lost
+
+    connection.ensure_connection()
+    assert not connection.connection.broken  # the driver has not seen the closed socket yet
+    try:
+        raise OperationalError(str(error)) from error
+    except OperationalError as exc:
+        assert _connection_lost(exc) is lost

@@ -377,13 +377,152 @@ def test_database_connection_lost_mid_run_is_retried_in_place_without_spending_d
     assert consumer_info().num_redelivered == 0
 
 
+def test_a_database_outage_longer_than_ack_wait_spends_no_delivery_of_the_batch_or_of_those_behind_it(
+    tmp_path: Path,
+):
+    """The batch in hand and the messages the open pull delivered behind it are all kept in progress."""
+    from django.db import connection
+
+    messages = [ticket(f"o{n:02d}", 0) for n in range(30)]
+    log = tmp_path / "listen.log"
+    name = connection.settings_dict["NAME"]
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        ours = cur.fetchone()[0]
+    admin = psycopg.connect(helpers.test_database_url().rsplit("/", 1)[0] + "/postgres", autocommit=True)
+    proc = start_listener(*BOTH, "--batch", "5", "--ack-wait", "2", log=log)
+    try:
+        wait_for(lambda: log_lines(log, "listener.ready"), timeout=60, what="the listener to be ready")
+        try:
+            # No session of the listener survives, and no new one can open, until the database comes back.
+            admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> %s "
+                "AND backend_type = 'client backend'",
+                [name, ours],
+            )
+            publish(messages)
+            # Attempt 10 comes after several ack_waits (2 s) of outage.
+            wait_for(lambda: log_lines(log, r"listener\.batch_failed .*attempt=10 "), timeout=120,
+                     what="the batch to fail ten times")  # fmt: skip
+            assert consumer_info().num_ack_pending > 5  # a batch in hand and more buffered behind it
+        finally:
+            admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        wait_for(lambda: InboxEntry.objects.count() == len(messages), timeout=120, what="every event applied")
+        wait_for(settled, timeout=30, what="every message acked")
+    finally:
+        admin.close()
+        assert stop(proc, sig=signal.SIGTERM) == 0
+    assert_each_applied_once(messages)
+    assert not log_lines(log, r"deliveries=(?!1 )")
+    assert consumer_info().num_redelivered == 0
+
+
+def test_a_batch_stuck_on_a_lock_longer_than_ack_wait_is_not_redelivered_nor_are_those_behind_it(tmp_path: Path):
+    """A batch waits on a row lock for several ack_waits; it and the messages buffered behind it stay in progress."""
+    first = ticket("s00", 0)
+    rest = [ticket("s00", 1)] + [ticket(f"s{n:02d}", 0) for n in range(1, 20)]
+    log = tmp_path / "listen.log"
+    proc = start_listener(*BOTH, "--batch", "5", "--ack-wait", "2", log=log)
+    try:
+        publish([first])
+        wait_for(lambda: InboxEntry.objects.count() == 1, timeout=60, what="the first event applied")
+        lock = _lock_replica_row("s00")
+        try:
+            publish(rest)
+            wait_for(_blocked_on_a_lock, timeout=60, what="a batch to block on the row lock")
+            # One line per ack_wait / 2 (1 s): four of them are two ack_waits.
+            wait_for(lambda: len(log_lines(log, r"listener\.batch_slow ")) >= 4, timeout=120,
+                     what="the batch to be kept in progress for two ack_waits")  # fmt: skip
+            assert consumer_info().num_ack_pending > 5  # a batch in hand and more buffered behind it
+        finally:
+            _close_quietly(lock)
+        wait_for(lambda: InboxEntry.objects.count() == 1 + len(rest), timeout=120, what="every event applied")
+        wait_for(settled, timeout=30, what="every message acked")
+    finally:
+        assert stop(proc, sig=signal.SIGTERM) == 0
+    assert_each_applied_once([first, *rest])
+    assert not log_lines(log, r"deliveries=(?!1 )")
+    assert consumer_info().num_redelivered == 0
+
+
+def _count_health_checks(monkeypatch) -> list[int]:
+    """Every ``is_usable()`` (the ``SELECT 1`` of ``CONN_HEALTH_CHECKS``) any connection runs from now on."""
+    from django.db import connections
+
+    calls: list[int] = []
+    cls = type(connections["default"])
+    real = cls.is_usable
+
+    def is_usable(self):
+        calls.append(1)
+        return real(self)
+
+    monkeypatch.setattr(cls, "is_usable", is_usable)
+    return calls
+
+
+def test_a_steady_flow_checks_its_database_connection_once_not_before_every_batch(monkeypatch):
+    """A connection that served a batch a moment ago needs no SELECT 1 round trip before the next."""
+    monkeypatch.setattr("listeners.runner.DB_CHECK_INTERVAL", 3600.0)  # the whole run is one steady stretch
+    messages = [ticket(f"c{n}", 0) for n in range(10)]
+    publish(messages)
+    checks = _count_health_checks(monkeypatch)
+
+    assert listen("--batch", "1", "--max-messages", "10", "--idle-exit", "30") == (10, {"applied": 10})
+
+    assert len(checks) <= 1  # not one per batch
+    assert_each_applied_once(messages)
+
+
+def test_a_connection_ended_while_the_listener_was_idle_is_replaced_before_the_next_batch(monkeypatch, caplog):
+    """Idle longer than the interval (0 here), the next batch checks its connection first: no failed batch."""
+    import threading
+
+    from django.db import connection
+
+    monkeypatch.setattr("listeners.runner.DB_CHECK_INTERVAL", 0.0)
+    caplog.set_level(logging.INFO, logger="listeners")
+    first, second = ticket("i1", 0), ticket("i2", 0)
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        ours = cur.fetchone()[0]
+    problems: list[BaseException] = []
+
+    def meanwhile() -> None:  # the listener runs in the main thread (it installs signal handlers)
+        try:
+            with psycopg.connect(helpers.test_database_url(), autocommit=True) as admin:
+                publish([first])
+                wait_for(lambda: admin.execute("SELECT count(*) FROM listeners_inboxentry").fetchone()[0] == 1,
+                         timeout=60, what="the first event applied")  # fmt: skip
+                ended = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = "
+                    "current_database() AND pid NOT IN (%s, pg_backend_pid()) AND backend_type = 'client backend'",
+                    [ours],
+                ).fetchone()[0]
+                assert ended >= 1  # the listener's session
+                publish([second])
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            problems.append(exc)
+
+    helper = threading.Thread(target=meanwhile)
+    helper.start()
+    try:
+        assert listen("--max-messages", "2", "--idle-exit", "60") == (2, {"applied": 2})
+    finally:
+        helper.join(120)
+    assert not problems, problems
+    assert not [r for r in caplog.records if "listener.batch_failed" in r.getMessage()]
+    assert_each_applied_once([first, second])
+
+
 def test_stopping_hands_back_messages_a_late_pull_left_in_the_client_buffer():
-    """A pull can deliver after fetch() gave up; unacked, those would wait ack_wait (30 s) for anyone."""
+    """A pull can deliver after the last batch was taken; unacked, those would wait ack_wait (30 s) for anyone."""
     import asyncio
     import json
 
     from listeners.registry import listeners_for
-    from listeners.runner import ListenerRunner
+    from listeners.runner import ListenerRunner, OpenPull
 
     publish([ticket("t1", 0), ticket("t2", 0), ticket("t3", 0)])
 
@@ -392,14 +531,14 @@ def test_stopping_hands_back_messages_a_late_pull_left_in_the_client_buffer():
         js = await runner.connect()
         plan = runner.plans[0]
         psub = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
-        # A pull request answered into the subscription, with no fetch() waiting for it.
+        # A pull request answered into the subscription, with no batch waiting for it.
         await runner.nc.publish(psub._nms, json.dumps({"batch": 3, "no_wait": True}).encode(), reply=psub._deliver)
         for _ in range(200):
             if psub.pending_msgs >= 3:
                 break
             await asyncio.sleep(0.05)
         assert psub.pending_msgs >= 3
-        await runner._hand_back(psub, plan)
+        await runner._hand_back(OpenPull(runner.nc, psub, expires=1.0), plan)
         await runner.nc.flush()
         again = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
         msgs = await again.fetch(3, timeout=5)  # at once, not after ack_wait
@@ -409,3 +548,116 @@ def test_stopping_hands_back_messages_a_late_pull_left_in_the_client_buffer():
         return [m.metadata.num_delivered for m in msgs]
 
     assert asyncio.run(scenario()) == [2, 2, 2]
+
+
+def test_stopping_hands_back_messages_still_on_the_way_from_an_open_pull():
+    """The listener keeps a pull open; what the server sent just before the stop must not be dropped unacked."""
+    import asyncio
+    import json
+    import threading
+
+    from listeners.registry import listeners_for
+    from listeners.runner import ListenerRunner, OpenPull
+    from tests.listeners.conftest import _with_js
+
+    publish([ticket("t1", 0), ticket("t2", 0), ticket("t3", 0)])
+
+    def deliver_unread(psub) -> None:
+        """From another connection, have the server send 3 messages to the listener's inbox, and wait until it did."""
+
+        async def work(js):
+            await js._nc.publish(psub._nms, json.dumps({"batch": 3, "expires": 30 * 10**9}).encode(),
+                                 reply=psub._deliver)  # fmt: skip
+            for _ in range(400):
+                if (await js.consumer_info(plan.stream, plan.durable)).num_ack_pending == 3:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("the server did not deliver the 3 messages")
+
+        asyncio.run(_with_js(work))
+
+    async def scenario() -> list[int]:
+        nonlocal plan
+        runner = ListenerRunner(listeners_for(list(BOTH)), subjects=list(BOTH), ack_wait=120)
+        js = await runner.connect()
+        plan = runner.plans[0]
+        psub = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
+        pull = OpenPull(runner.nc, psub, expires=30.0)
+        await runner.nc.flush()  # the subscription is known to the server
+        # The loop is held while the server delivers: the messages wait, unread, in the socket
+        # when the stop begins — as with a pull answered just before a SIGTERM.
+        helper = threading.Thread(target=deliver_unread, args=(psub,))
+        helper.start()
+        helper.join()
+        await runner._hand_back(pull, plan)
+        again = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
+        msgs = await again.fetch(3, timeout=10)  # at once, not after ack_wait (120 s)
+        for msg in msgs:
+            await msg.nak()
+        await runner._close()
+        return [m.metadata.num_delivered for m in msgs]
+
+    plan = None
+    assert asyncio.run(scenario()) == [2, 2, 2]
+
+
+def test_a_message_that_arrives_with_the_stop_is_handed_back_not_started():
+    """First SIGTERM: the batch in hand is finished, but no new batch begins."""
+    import asyncio
+
+    from listeners.registry import listeners_for
+    from listeners.runner import ListenerRunner, OpenPull
+
+    publish([ticket("t1", 0)])
+
+    async def scenario() -> tuple[list, int]:
+        runner = ListenerRunner(listeners_for(list(BOTH)), subjects=list(BOTH), ack_wait=120)
+        js = await runner.connect()
+        plan = runner.plans[0]
+        psub = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
+        pull = OpenPull(runner.nc, psub, expires=30.0)
+        stop = asyncio.get_running_loop().create_future()
+        queue = psub._sub._pending_queue
+        put = queue.put_nowait
+
+        def put_and_stop(msg):  # the signal lands in the same turn of the loop as the message
+            put(msg)
+            if not stop.done():
+                stop.set_result(None)
+
+        queue.put_nowait = put_and_stop
+        batch = await pull.next_batch(1, wait=30, stop=stop)
+        await runner._hand_back(pull, plan)
+        again = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
+        [msg] = await again.fetch(1, timeout=10)  # handed back: at once, not after ack_wait
+        await msg.nak()
+        await runner._close()
+        return batch, msg.metadata.num_delivered
+
+    assert asyncio.run(scenario()) == ([], 2)
+
+
+def test_a_stopped_listener_leaves_no_open_pull_to_swallow_later_messages():
+    """Its pull requests outlive the process on the server; one must not take a message nobody will read."""
+    import asyncio
+
+    from listeners.registry import listeners_for
+    from listeners.runner import ListenerRunner, OpenPull
+
+    async def scenario() -> int:
+        runner = ListenerRunner(listeners_for(list(BOTH)), subjects=list(BOTH), ack_wait=120)
+        js = await runner.connect()
+        plan = runner.plans[0]
+        psub = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
+        pull = OpenPull(runner.nc, psub, expires=60.0)
+        await pull.renew(10)  # open for a minute, nothing to deliver yet
+        await runner.nc.flush()
+        await runner._hand_back(pull, plan)
+        await asyncio.to_thread(publish, [ticket("t1", 0)])
+        again = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
+        [msg] = await again.fetch(1, timeout=10)  # not after ack_wait: the old request took nothing
+        await msg.ack()
+        await runner._close()
+        return msg.metadata.num_delivered
+
+    assert asyncio.run(scenario()) == 1
