@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,16 +68,88 @@ def emit(
     meta.setdefault("correlation-id", str(event_id))
     if headers:
         meta.update({str(k): str(v) for k, v in headers.items()})
-    row = OutboxEvent.objects.using(using).create(
-        id=event_id,
-        subject=item.name,
-        payload=data,
-        headers=meta,
-        aggregate_type=agg_type,
-        aggregate_id=agg_id,
-        aggregate_version=version,
-    )
+    fields = {
+        "id": event_id,
+        "subject": item.name,
+        "payload": data,
+        "headers": meta,
+        "aggregate_type": agg_type,
+        "aggregate_id": agg_id,
+        "aggregate_version": version,
+    }
+    if connection.vendor == "postgresql":
+        row = _insert(connection, using, fields)
+    else:  # the SQLite demo: the ORM's INSERT, whose cost nobody measures there
+        row = OutboxEvent.objects.using(using).create(**fields)
     _kick_on_commit(using)
+    return row
+
+
+#: The columns emit() sets, in the order of _insert()'s parameters.
+_SET = ("id", "subject", "payload", "headers", "aggregate_type", "aggregate_id", "aggregate_version")
+_insert_plan: tuple[str, tuple[Any, ...], tuple[str, ...]] | None = None
+
+
+def _plan(connection: Any) -> tuple[str, tuple[Any, ...], tuple[str, ...]]:
+    """The INSERT for PostgreSQL, built once from the model: (sql, default values, returned fields).
+
+    Every other column takes its model default: a ``db_default`` (seq, timestamps) is filled by the
+    database and returned, a Python-side ``default`` is sent as a parameter (Django never makes it a
+    database default), a nullable column without one is left NULL. So a field added to the model is
+    written as the ORM would write it, or the statement fails loudly (NOT NULL) in every test.
+    """
+    global _insert_plan
+    if _insert_plan is None:
+        meta = OutboxEvent._meta
+        q = connection.ops.quote_name
+        columns = [meta.get_field(name).column for name in _SET]
+        values = ["%s::jsonb" if meta.get_field(name).get_internal_type() == "JSONField" else "%s" for name in _SET]
+        defaults: list[Any] = []
+        returned: list[str] = []
+        for field in meta.concrete_fields:
+            if field.name in _SET:
+                continue
+            if field.has_db_default():
+                returned.append(field.name)
+            elif field.has_default():
+                columns.append(field.column)
+                values.append("%s")
+                defaults.append(field.get_db_prep_save(field.get_default(), connection))
+            elif not field.null:
+                raise TypeError(f"emit() does not know what to write to {meta.db_table}.{field.column}")
+        returning = ", ".join(q(meta.get_field(name).column) for name in returned)
+        sql = (
+            f"INSERT INTO {q(meta.db_table)} ({', '.join(q(c) for c in columns)}) "  # noqa: S608 - model names only
+            f"VALUES ({', '.join(values)}) RETURNING {returning}"
+        )
+        _insert_plan = (sql, tuple(defaults), tuple(returned))
+    return _insert_plan
+
+
+def _insert(connection: Any, using: str, fields: dict[str, Any]) -> OutboxEvent:
+    """The outbox row in one statement on the caller's connection (PostgreSQL).
+
+    ``Model.objects.create`` spends more CPU compiling eighteen columns than psycopg and the
+    server spend on the statement; this sends a prepared plan. The JSON columns hold exactly
+    what the ORM stores (``json.dumps`` of the validated data).
+    """
+    sql, defaults, returned = _plan(connection)
+    params = (
+        fields["id"],
+        fields["subject"],
+        json.dumps(fields["payload"]),
+        json.dumps(fields["headers"]),
+        fields["aggregate_type"],
+        fields["aggregate_id"],
+        fields["aggregate_version"],
+        *defaults,
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        values = cursor.fetchone()
+    row = OutboxEvent(**fields, **dict(zip(returned, values, strict=True)))
+    row._state.adding = False
+    row._state.db = using
     return row
 
 
