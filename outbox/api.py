@@ -50,7 +50,8 @@ def emit(
     The aggregate (type, id, version) comes from the event's contract unless given.
     Raises NotInTransactionError outside ``transaction.atomic``, UnknownSubjectError
     for an unregistered event class, InvalidPayloadError for a payload that breaks
-    its contract. Nothing touches Redis or NATS here; the relay is kicked on commit.
+    its contract. Nothing touches Redis or NATS here; the relay is kicked after commit, by
+    this process's kicker thread (outbox/kick.py), so the caller does not wait for Redis.
     """
     connection = connections[using]
     if not connection.in_atomic_block:
@@ -154,11 +155,11 @@ def _insert(connection: Any, using: str, fields: dict[str, Any]) -> OutboxEvent:
 
 
 def _kick_on_commit(using: str) -> None:
-    from outbox.kick import kick_relay
+    from outbox.kick import kick_relay_after_commit
 
     connection = connections[using]
     # One kick per transaction, however many events it emits.
     for entry in connection.run_on_commit:
-        if entry[1] is kick_relay:
+        if entry[1] is kick_relay_after_commit:
             return
-    transaction.on_commit(kick_relay, using=using, robust=True)
+    transaction.on_commit(kick_relay_after_commit, using=using, robust=True)

@@ -1,15 +1,26 @@
 """Coalesced relay kicks.
 
-Every commit that emitted events calls :func:`kick_relay`. With a Redis broker a
-short-lived ``SET NX`` flag lets only the first kick of a burst enqueue a task; the
-task clears the flag when it starts, so commits that land while it drains enqueue
-at most one follow-up. A kick that cannot reach Redis is dropped with a warning:
-the write already committed, and the beat sweep publishes the row later.
+Every commit that emitted events kicks the relay. With a Redis broker a short-lived
+``SET NX`` flag lets only the first kick of a burst enqueue a task; the task clears
+the flag when it starts, so commits that land while it drains enqueue at most one
+follow-up. A kick that cannot reach Redis is dropped with a warning: the write
+already committed, and the beat sweep publishes the row later.
+
+The committing thread does not wait for Redis: :func:`kick_relay_after_commit` (the
+on-commit hook of :func:`outbox.emit`) hands the kick to this process's kicker
+thread and returns. The kicker makes every kick *after* the commits that asked for
+it, so a kick covers each of them exactly as a kick made by the committing thread
+would: its ``SET NX`` either enqueues a task, which drains after the commit, or
+finds the flag of a task that has not started yet (it clears the flag before it
+drains). Commits that ask while a kick is in flight get one more kick after it.
+At interpreter exit the kicker finishes the kicks it was asked for.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import threading
 from typing import Any
 
@@ -20,6 +31,8 @@ from outbox.conf import outbox_settings
 logger = logging.getLogger("outbox.kick")
 
 _FLAG_TTL_MS = 2000
+#: Seconds an exiting process waits for the kicks its commits asked for (Redis timeouts are 0.25 s).
+_EXIT_FLUSH_SECONDS = 5.0
 _local = threading.local()
 
 
@@ -33,11 +46,12 @@ def _redis() -> Any | None:
     if not url.startswith(("redis://", "rediss://", "unix://")):
         return None
     client = getattr(_local, "redis", None)
-    if client is None:
+    if client is None or getattr(_local, "redis_url", None) != url:
         import redis
 
         client = redis.Redis.from_url(url, socket_timeout=0.25, socket_connect_timeout=0.25)
         _local.redis = client
+        _local.redis_url = url
     return client
 
 
@@ -55,6 +69,10 @@ def kick_relay() -> bool:
     """Enqueue a relay task unless one is already queued. Never raises."""
     if not outbox_settings().KICK_ON_COMMIT:
         return False
+    return _enqueue()
+
+
+def _enqueue() -> bool:
     from outbox.tasks import relay
 
     client = _redis()
@@ -71,3 +89,84 @@ def kick_relay() -> bool:
             except Exception:  # noqa: BLE001, S110
                 pass
         return False
+
+
+class _Kicker:
+    """One daemon thread per process that makes the kicks commits ask for, in order after them.
+
+    ``_asked`` is set by a commit and cleared by the thread just before it kicks, so every
+    commit that set it is covered by a kick that starts after that commit; a commit that sets
+    it again while the kick is in flight gets the next one.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._asked = False
+        self._kicking = False
+        self._thread: threading.Thread | None = None
+
+    def ask(self) -> None:
+        with self._cond:
+            self._asked = True
+            if self._thread is None or not self._thread.is_alive():
+                thread = threading.Thread(target=self._run, name="outbox-kicker", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # interpreter shutting down: no new threads
+                    self._asked = False
+                    self._thread = None
+                    thread = None
+                else:
+                    self._thread = thread
+            else:
+                thread = self._thread
+                self._cond.notify()
+        if thread is None:
+            _enqueue()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._asked:
+                    self._cond.wait()
+                self._asked = False
+                self._kicking = True
+            try:
+                _enqueue()
+            except BaseException:  # noqa: BLE001 - _enqueue never raises; keep the thread whatever happens
+                logger.exception("relay kick crashed")
+            finally:
+                with self._cond:
+                    self._kicking = False
+                    self._cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every kick asked for so far was made; False when ``timeout`` ran out first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._asked and not self._kicking, timeout)
+
+
+_kicker = _Kicker()
+
+
+def _new_kicker_after_fork() -> None:
+    # The parent's thread does not exist in the child, and its lock may have been held at the fork.
+    global _kicker
+    _kicker = _Kicker()
+
+
+os.register_at_fork(after_in_child=_new_kicker_after_fork)
+
+
+def kick_relay_after_commit() -> None:
+    """The on-commit hook of :func:`outbox.emit`: the kicker thread kicks the relay; never waits for Redis."""
+    if outbox_settings().KICK_ON_COMMIT:
+        _kicker.ask()
+
+
+def flush_kicks(timeout: float = _EXIT_FLUSH_SECONDS) -> bool:
+    """Wait until the kicks this process's commits asked for were made (tests, exit)."""
+    return _kicker.flush(timeout)
+
+
+atexit.register(lambda: _kicker.flush(_EXIT_FLUSH_SECONDS))
