@@ -7,7 +7,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
@@ -86,56 +86,85 @@ def emit(
     return row
 
 
-#: The columns emit() sets, in the order of _insert()'s parameters.
+#: The columns emit() sets, in the order of _insert()'s first parameters.
 _SET = ("id", "subject", "payload", "headers", "aggregate_type", "aggregate_id", "aggregate_version")
-_insert_plan: tuple[str, tuple[Any, ...], tuple[str, ...]] | None = None
 
 
-def _plan(connection: Any) -> tuple[str, tuple[Any, ...], tuple[str, ...]]:
-    """The INSERT for PostgreSQL, built once from the model: (sql, default values, returned fields).
+class _Plan(NamedTuple):
+    sql: str
+    #: Every concrete field's value for the returned instance, in model order; defaults filled in.
+    template: tuple[Any, ...]
+    #: Positions in ``template`` of the _SET fields, of the fields with a callable default (sent as
+    #: parameters after the _SET ones) and of the columns the database fills (RETURNING).
+    set_at: tuple[int, ...]
+    callable_at: tuple[int, ...]
+    returned_at: tuple[int, ...]
 
-    Every other column takes its model default: a ``db_default`` (seq, timestamps) is filled by the
-    database and returned, a Python-side ``default`` is sent as a parameter (Django never makes it a
-    database default), a nullable column without one is left NULL. So a field added to the model is
-    written as the ORM would write it, or the statement fails loudly (NOT NULL) in every test.
+
+_plan_cache: _Plan | None = None
+
+
+def _plan(connection: Any) -> _Plan:
+    """The INSERT for PostgreSQL, built once from the model.
+
+    Every other column takes its model default: a ``db_default`` (seq, timestamps) is filled by
+    the database and returned; a constant Python-side ``default`` is written as a literal and a
+    callable one as a parameter (Django never makes either a database default); a nullable column
+    without one is left NULL. So a field added to the model is written as the ORM would write it,
+    or the statement fails loudly (NOT NULL) in every test.
     """
-    global _insert_plan
-    if _insert_plan is None:
+    global _plan_cache
+    if _plan_cache is None:
         meta = OutboxEvent._meta
         q = connection.ops.quote_name
+        fields = list(meta.concrete_fields)
         columns = [meta.get_field(name).column for name in _SET]
         values = ["%s::jsonb" if meta.get_field(name).get_internal_type() == "JSONField" else "%s" for name in _SET]
-        defaults: list[Any] = []
-        returned: list[str] = []
-        for field in meta.concrete_fields:
+        template: list[Any] = [None] * len(fields)
+        callable_at, returned_at = [], []
+        for index, field in enumerate(fields):
             if field.name in _SET:
                 continue
             if field.has_db_default():
-                returned.append(field.name)
-            elif field.has_default():
+                returned_at.append(index)
+            elif field.has_default() and callable(field.default):
                 columns.append(field.column)
                 values.append("%s")
-                defaults.append(field.get_db_prep_save(field.get_default(), connection))
+                callable_at.append(index)
+            elif field.has_default():
+                template[index] = field.get_default()
+                columns.append(field.column)
+                literal = connection.ops.compose_sql("%s", [field.get_db_prep_save(template[index], connection)])
+                values.append(literal.replace("%", "%%"))
             elif not field.null:
                 raise TypeError(f"emit() does not know what to write to {meta.db_table}.{field.column}")
-        returning = ", ".join(q(meta.get_field(name).column) for name in returned)
-        sql = (
-            f"INSERT INTO {q(meta.db_table)} ({', '.join(q(c) for c in columns)}) "  # noqa: S608 - model names only
-            f"VALUES ({', '.join(values)}) RETURNING {returning}"
+        returning = ", ".join(q(fields[index].column) for index in returned_at)
+        _plan_cache = _Plan(
+            sql=(
+                f"INSERT INTO {q(meta.db_table)} ({', '.join(q(c) for c in columns)}) "  # noqa: S608 - model names only
+                f"VALUES ({', '.join(values)}) RETURNING {returning}"
+            ),
+            template=tuple(template),
+            set_at=tuple(fields.index(meta.get_field(name)) for name in _SET),
+            callable_at=tuple(callable_at),
+            returned_at=tuple(returned_at),
         )
-        _insert_plan = (sql, tuple(defaults), tuple(returned))
-    return _insert_plan
+    return _plan_cache
 
 
 def _insert(connection: Any, using: str, fields: dict[str, Any]) -> OutboxEvent:
     """The outbox row in one statement on the caller's connection (PostgreSQL).
 
-    ``Model.objects.create`` spends more CPU compiling eighteen columns than psycopg and the
-    server spend on the statement; this sends a prepared plan. The JSON columns hold exactly
-    what the ORM stores (``json.dumps`` of the validated data).
+    ``Model.objects.create`` spends more CPU compiling and adapting eighteen columns than psycopg
+    and the server spend on the statement; this sends a planned statement with the seven values
+    that vary. The JSON columns hold exactly what the ORM stores (``json.dumps`` of the data).
     """
-    sql, defaults, returned = _plan(connection)
-    params = (
+    plan = _plan(connection)
+    model_fields = OutboxEvent._meta.concrete_fields
+    values = list(plan.template)
+    for index, name in zip(plan.set_at, _SET, strict=True):
+        values[index] = fields[name]
+    params = [
         fields["id"],
         fields["subject"],
         json.dumps(fields["payload"]),
@@ -143,15 +172,16 @@ def _insert(connection: Any, using: str, fields: dict[str, Any]) -> OutboxEvent:
         fields["aggregate_type"],
         fields["aggregate_id"],
         fields["aggregate_version"],
-        *defaults,
-    )
+    ]
+    for index in plan.callable_at:
+        field = model_fields[index]
+        values[index] = field.get_default()
+        params.append(field.get_db_prep_save(values[index], connection))
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        values = cursor.fetchone()
-    row = OutboxEvent(**fields, **dict(zip(returned, values, strict=True)))
-    row._state.adding = False
-    row._state.db = using
-    return row
+        cursor.execute(plan.sql, params)
+        for index, value in zip(plan.returned_at, cursor.fetchone(), strict=True):
+            values[index] = value
+    return OutboxEvent.from_db(using, None, values)
 
 
 def _kick_on_commit(using: str) -> None:
