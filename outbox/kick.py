@@ -25,6 +25,7 @@ import threading
 from typing import Any
 
 from django.conf import settings
+from django.core.signals import setting_changed
 
 from outbox.conf import OutboxSettings, outbox_settings
 
@@ -34,10 +35,29 @@ _FLAG_TTL_MS = 2000
 #: Seconds an exiting process waits for the kicks its commits asked for (Redis timeouts are 0.25 s).
 _EXIT_FLUSH_SECONDS = 5.0
 _local = threading.local()
+_conf: OutboxSettings | None = None
+
+
+def _settings() -> OutboxSettings:
+    """``outbox_settings()``, read once: every commit asks (like DRF's api_settings, reset on change)."""
+    global _conf
+    conf = _conf
+    if conf is None:
+        conf = _conf = outbox_settings()
+    return conf
+
+
+def _forget_settings(*, setting: str, **_: Any) -> None:
+    global _conf
+    if setting == "OUTBOX":
+        _conf = None
+
+
+setting_changed.connect(_forget_settings)
 
 
 def _flag_key(conf: OutboxSettings | None = None) -> str:
-    conf = conf or outbox_settings()
+    conf = conf or _settings()
     return f"outbox:kick:{conf.STREAM_PREFIX}{conf.CELERY_QUEUE}"
 
 
@@ -87,7 +107,7 @@ def clear_kick_flag() -> None:
 
 def kick_relay() -> bool:
     """Enqueue a relay task unless one is already queued. Never raises."""
-    conf = outbox_settings()
+    conf = _settings()
     if not conf.KICK_ON_COMMIT:
         return False
     return _enqueue(conf)
@@ -182,7 +202,7 @@ os.register_at_fork(after_in_child=_new_kicker_after_fork)
 
 def kick_relay_after_commit() -> None:
     """The on-commit hook of :func:`outbox.emit`: the kicker thread kicks the relay; never waits for Redis."""
-    if outbox_settings().KICK_ON_COMMIT:
+    if _settings().KICK_ON_COMMIT:
         _kicker.ask()
 
 

@@ -85,6 +85,17 @@ def test_commits_during_a_kick_in_flight_get_one_more_kick_that_starts_after_the
     assert client.llen(name) == 1  # the second kick found the first one's task still queued
 
 
+def test_turning_kick_on_commit_off_takes_effect_for_the_next_commit(queue, settings):
+    client, name, flag = queue
+    ticket_create(title="kicked", price="1", user_id="u")  # the kick reads (and keeps) the settings
+    assert kick.flush_kicks(60) and client.llen(name) == 1
+    client.delete(name, flag)
+    settings.OUTBOX = {**settings.OUTBOX, "KICK_ON_COMMIT": False}
+    ticket_create(title="not kicked", price="1", user_id="u")
+    assert kick.flush_kicks(60)
+    assert client.llen(name) == 0 and not client.exists(flag)
+
+
 def test_a_process_that_exits_right_after_its_commit_still_kicks_the_relay(queue, logs):
     client, name, _flag = queue
     writer = manage(
