@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import queue
 import threading
 from typing import Any
 
@@ -136,56 +137,63 @@ def _enqueue(conf: OutboxSettings | None = None) -> bool:
 class _Kicker:
     """One daemon thread per process that makes the kicks commits ask for, in order after them.
 
-    ``_asked`` is set by a commit and cleared by the thread just before it kicks, so every
-    commit that set it is covered by a kick that starts after that commit; a commit that sets
-    it again while the kick is in flight gets the next one.
+    A commit puts an ask on a queue (a C ``SimpleQueue``: no Python lock on the commit's path).
+    The thread takes every ask queued so far, then kicks once: each of those commits happened
+    before the kick started, so the kick covers them; an ask queued during the kick gets the
+    next one. ``flush()`` queues a marker behind the asks and waits until a kick that started
+    after them is done.
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._asked = False
-        self._kicking = False
+        self._asks: queue.SimpleQueue[threading.Event | None] = queue.SimpleQueue()
+        self._start_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def ask(self) -> None:
-        with self._cond:
-            self._asked = True
-            if self._thread is None or not self._thread.is_alive():
+        self._asks.put(None)
+        if self._thread is None and not self._start():
+            self._take_and_kick()  # no thread can start (interpreter exiting): kick here, still after the commit
+
+    def _start(self) -> bool:
+        with self._start_lock:
+            if self._thread is None:
                 thread = threading.Thread(target=self._run, name="outbox-kicker", daemon=True)
                 try:
                     thread.start()
-                except RuntimeError:  # interpreter shutting down: no new threads
-                    self._asked = False
-                    self._thread = None
-                    thread = None
-                else:
-                    self._thread = thread
-            else:
-                thread = self._thread
-                self._cond.notify()
-        if thread is None:
-            _enqueue()
+                except RuntimeError:
+                    return False
+                self._thread = thread
+        return True
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._asked:
-                    self._cond.wait()
-                self._asked = False
-                self._kicking = True
             try:
-                _enqueue()
+                self._take_and_kick(self._asks.get())
             except BaseException:  # noqa: BLE001 - _enqueue never raises; keep the thread whatever happens
                 logger.exception("relay kick crashed")
-            finally:
-                with self._cond:
-                    self._kicking = False
-                    self._cond.notify_all()
+
+    def _take_and_kick(self, first: threading.Event | None = None) -> None:
+        taken = [first]
+        while True:
+            try:
+                taken.append(self._asks.get_nowait())
+            except queue.Empty:
+                break
+        try:
+            if any(item is None for item in taken):
+                _enqueue()
+        finally:
+            for item in taken:
+                if item is not None:
+                    item.set()
 
     def flush(self, timeout: float) -> bool:
         """Wait until every kick asked for so far was made; False when ``timeout`` ran out first."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._asked and not self._kicking, timeout)
+        if self._thread is None:
+            return True
+        done = threading.Event()
+        self._asks.put(done)
+        return done.wait(timeout)
 
 
 _kicker = _Kicker()
