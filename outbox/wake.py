@@ -20,7 +20,7 @@ from typing import Any
 
 from django.conf import settings
 
-from outbox.conf import outbox_settings
+from outbox.conf import OutboxSettings, outbox_settings
 
 logger = logging.getLogger("outbox.wake")
 
@@ -28,8 +28,8 @@ _clients: dict[tuple[int, str], Any] = {}
 _lock = threading.Lock()
 
 
-def wake_channel() -> str:
-    conf = outbox_settings()
+def wake_channel(conf: OutboxSettings | None = None) -> str:
+    conf = conf or outbox_settings()
     return f"outbox:wake:{conf.STREAM_PREFIX}{conf.CELERY_QUEUE}"
 
 

@@ -86,3 +86,57 @@ def test_contract_decode_accepts_the_course_json_and_rejects_wrong_types():
         contract.decode(b'{"id":"a","version":"2","title":"T","price":1,"userId":"u"}')
     with pytest.raises(InvalidPayloadError, match="not valid JSON"):
         contract.decode(b"\xff\xfe not json")
+
+
+@pytest.mark.django_db
+def test_emit_writes_every_column_as_the_orm_would_and_returns_the_stored_row():
+    # emit() writes with its own INSERT on PostgreSQL; a row made by Model.objects.create from the same
+    # values must not differ in any column but the identity, the sequence and the timestamps.
+    with transaction.atomic(), event_context(correlation_id="corr-1"):
+        row = emit(created(version=3, price=Decimal("12.50")), headers={"x-extra": "1"})
+        orm = OutboxEvent.objects.create(
+            subject=row.subject,
+            payload=row.payload,
+            headers=row.headers,
+            aggregate_type=row.aggregate_type,
+            aggregate_id=row.aggregate_id,
+            aggregate_version=row.aggregate_version,
+        )
+    varying = {"id", "seq", "created_at", "next_attempt_at"}
+    stored = OutboxEvent.objects.values().get(pk=row.pk)
+    assert {k: v for k, v in stored.items() if k not in varying} == {
+        k: v for k, v in OutboxEvent.objects.values().get(pk=orm.pk).items() if k not in varying
+    }
+    assert stored["payload"] == {"id": "t-1", "version": 3, "title": "Concert", "price": 12.5, "userId": "alice"}
+    assert stored["headers"] == {"correlation-id": "corr-1", "x-extra": "1"}
+    # The returned instance is the stored row: what emit() wrote is on it, the columns the database
+    # filled are deferred and load on first access. It is not "adding" (a save() would UPDATE).
+    assert row.get_deferred_fields() == {"seq", "created_at", "next_attempt_at"}
+    assert {f.attname: getattr(row, f.attname) for f in OutboxEvent._meta.concrete_fields} == stored
+    assert row.seq < orm.seq
+    assert not row._state.adding and row._state.db == "default"
+
+
+@pytest.mark.django_db
+def test_emit_writes_without_the_model_save_machinery():
+    # One INSERT on the caller's connection, no Model.save(): save signals do not fire for outbox rows
+    # (nothing may hang behaviour on them; see STYLE.md on signals).
+    from django.db import connection
+    from django.db.models.signals import post_save, pre_save
+    from django.test.utils import CaptureQueriesContext
+
+    saved = []
+
+    def record(sender, **kwargs):
+        saved.append(sender)
+
+    pre_save.connect(record, sender=OutboxEvent)
+    post_save.connect(record, sender=OutboxEvent)
+    try:
+        with CaptureQueriesContext(connection) as queries, transaction.atomic():
+            emit(created())
+    finally:
+        pre_save.disconnect(record, sender=OutboxEvent)
+        post_save.disconnect(record, sender=OutboxEvent)
+    assert saved == []
+    assert [q["sql"].split()[0] for q in queries.captured_queries if "outbox_outboxevent" in q["sql"]] == ["INSERT"]
