@@ -52,6 +52,8 @@ def emit(
     for an unregistered event class, InvalidPayloadError for a payload that breaks
     its contract. Nothing touches Redis or NATS here; the relay is kicked after commit, by
     this process's kicker thread (outbox/kick.py), so the caller does not wait for Redis.
+    Returns the row; the columns the database fills (seq, created_at, next_attempt_at) are
+    deferred and load on first access.
     """
     connection = connections[using]
     if not connection.in_atomic_block:
