@@ -207,11 +207,12 @@ WITH w AS MATERIALIZED (
     WHERE w.ok AND NOT w.mine AND NOT EXISTS (SELECT 1 FROM w AS b WHERE NOT b.ok AND b.h = w.h AND b.seq < w.seq)
     ORDER BY w.seq
     LIMIT %(limit)s
+), t AS (
+    SELECT m.h, max(m.seq) AS after FROM w AS m WHERE m.mine GROUP BY m.h
 )
 SELECT o.id::text, o.seq, o.subject, o.payload::text, o.headers::text, o.aggregate_type, o.aggregate_id,
-       o.aggregate_version, o.attempts, (c.h & {PARTITIONS - 1})::int,
-       (SELECT max(m.seq) FROM w AS m WHERE m.mine AND m.h = c.h) AS after
-FROM c JOIN {TABLE} o ON o.ctid = c.tid
+       o.aggregate_version, o.attempts, (c.h & {PARTITIONS - 1})::int, t.after
+FROM c JOIN {TABLE} o ON o.ctid = c.tid LEFT JOIN t ON t.h = c.h
 ORDER BY c.seq
 """  # noqa: S608 - table name and constants only
 
