@@ -134,7 +134,8 @@ def body(bench: Bench, args) -> dict:
             "both sides pay BEGIN, the row lock, the UPDATE and one commit (WAL flush): four round trips to "
             "PostgreSQL; the event adds a fifth, the INSERT of the outbox row (two JSON columns, four index "
             "entries), and the CPU of building and validating the event; the relay kick after the commit "
-            "(Redis SET NX, a Celery message when the flag was free) runs on the kicker thread, off the caller's path"
+            "(Redis SET NX, a Celery message when the flag was free) runs on the kicker thread: the caller does "
+            "not wait for Redis, but the thread's CPU and GIL time are still this process's"
         ),
         notes=[
             "ratio uses mean seconds per update; ratio_p50 uses medians",

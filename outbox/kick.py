@@ -223,7 +223,7 @@ _kicker = _Kicker()
 
 
 def _new_kicker_after_fork() -> None:
-    # The parent's thread does not exist in the child, and its lock may have been held at the fork.
+    # The parent's kicker thread does not exist in the child: start afresh (a thread on the first ask).
     global _kicker
     _kicker = _Kicker()
 
