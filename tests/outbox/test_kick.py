@@ -96,6 +96,21 @@ def test_turning_kick_on_commit_off_takes_effect_for_the_next_commit(queue, sett
     assert client.llen(name) == 0 and not client.exists(flag)
 
 
+def test_with_redis_unreachable_the_commit_returns_and_the_kicker_drops_the_kick_with_a_warning(caplog):
+    from django.test import override_settings
+
+    from tests.helpers import free_port
+
+    with override_settings(CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0"):
+        ticket_create(title="written anyway", price="1", user_id="u")
+        assert kick.flush_kicks(60)
+    assert OutboxEvent.objects.filter(status="pending").count() == 1
+    assert any(
+        r.name == "outbox.kick" and "relay kick failed" in r.getMessage() and r.threadName == "outbox-kicker"
+        for r in caplog.records
+    ), caplog.text
+
+
 def test_a_process_that_exits_right_after_its_commit_still_kicks_the_relay(queue, logs):
     client, name, _flag = queue
     writer = manage(
