@@ -368,7 +368,7 @@ def body(bench: Bench, args) -> dict:
             for i in range(TICKETS)
         ]
         deadline = time.time() + 120
-        while bench.scalar("SELECT count(*) FROM listeners_ticketreplica") < TICKETS:
+        while bench.scalar("SELECT count(*) FROM replica_ticketreplica") < TICKETS:
             if listener.poll() is not None:
                 raise RuntimeError(f"the listener exited:\n{bench.tail('listener')}")
             if time.time() > deadline:

@@ -138,7 +138,7 @@ async def _delete_consumers(bench: Bench) -> None:
 
 
 def run_listener(bench: Bench, *, events: int, tickets: int, batch: int) -> dict:
-    bench.sql("TRUNCATE listeners_inboxentry, listeners_ticketreplica, listeners_deadletter")
+    bench.sql("TRUNCATE listeners_inboxentry, replica_ticketreplica, listeners_deadletter")
     asyncio.run(_delete_consumers(bench))
     name = f"listener-b{batch}"
     with TableBarrier(bench, "listeners_inboxentry") as barrier:
@@ -162,7 +162,7 @@ def run_listener(bench: Bench, *, events: int, tickets: int, batch: int) -> dict
         "(SELECT string_agg(outcome || '=' || n, ',') FROM (SELECT outcome, count(*) n FROM listeners_inboxentry "
         "GROUP BY outcome) o) FROM listeners_inboxentry"
     )[0]
-    replicas, at_last = bench.sql("SELECT count(*), count(*) FILTER (WHERE version = 9) FROM listeners_ticketreplica")[
+    replicas, at_last = bench.sql("SELECT count(*), count(*) FILTER (WHERE version = 9) FROM replica_ticketreplica")[
         0
     ]
     dead = bench.scalar("SELECT count(*) FROM listeners_deadletter")

@@ -1,10 +1,10 @@
-"""Admin of the listeners' bookkeeping: dead letters, the inbox and the ticket replica.
+"""Admin of the listeners' bookkeeping: dead letters and the inbox.
 
 A dead letter is the one row an operator works on: its payload is editable text
 (the bytes received stay as they were, for the record), and "Replay" applies the
 payload through its listener with :func:`listeners.processing.dead_letter_replay`,
-exactly once, recording the inbox row as a live delivery would. The inbox and the
-replica are written only by listeners and are read-only here.
+exactly once, recording the inbox row as a live delivery would. The inbox is
+written only by listeners and is read-only here.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from django.utils.text import Truncator
 from django.utils.translation import ngettext
 
 from listeners.errors import ListenerError
-from listeners.models import DeadLetter, DeadLetterStatus, InboxEntry, TicketReplica
+from listeners.models import DeadLetter, DeadLetterStatus, InboxEntry
 from listeners.processing import ACK, dead_letter_replay
 from listeners.services import dead_letter_edit_payload
 from outbox.admin import ReadOnlyAdminMixin, badge, pretty_json
@@ -274,16 +274,3 @@ class InboxEntryAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_per_page = 100
     show_full_result_count = False
     show_facets = admin.ShowFacets.NEVER
-
-
-@admin.register(TicketReplica)
-class TicketReplicaAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    """This service's copy of tickets, as the ticket events built it."""
-
-    list_display = ("id", "title", "price", "user_id", "order_id", "version", "updated_at")
-    search_fields = ("=id", "title")
-    search_help_text = "A ticket id (exact) or a title (contains)."
-    ordering = ("-updated_at",)
-    list_per_page = 100
-    show_full_result_count = False
-    empty_value_display = "—"

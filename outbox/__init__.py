@@ -11,6 +11,8 @@ Public interface::
 
 from typing import Any
 
+__version__ = "0.2.0"
+
 __all__ = ["Event", "contract", "emit", "event_context"]
 
 

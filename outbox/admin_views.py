@@ -1,6 +1,6 @@
 """The admin's operations page: channels, clients and the flow of events at a glance.
 
-Wired in ``ticketing/urls.py`` as ``admin.site.admin_view(operations_view)``, so it
+Wired in ``outbox/urls.py`` as ``admin.site.admin_view(operations_view)``, so it
 needs a staff login like every admin page. The data comes from
 :mod:`outbox.operations` (shared with ``manage.py nats_status``); this module only
 shapes it for the template, including the inline SVG of events published per minute.
@@ -84,4 +84,4 @@ def operations_view(request: HttpRequest) -> HttpResponse:
         "oldest_pending_human": format_duration(snapshot["outbox"]["oldest_pending_age"]),
         "refresh": _refresh_seconds(request),
     }
-    return TemplateResponse(request, "admin/operations.html", context)
+    return TemplateResponse(request, "admin/outbox/operations.html", context)

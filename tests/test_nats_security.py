@@ -21,7 +21,7 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
-from listeners.models import TicketReplica
+from ticketing.replica.models import TicketReplica
 from outbox.broker import Broker
 from outbox.errors import PublishError
 from outbox.models import OutboxEvent, OutboxStatus

@@ -8,7 +8,8 @@ import nats
 import pytest
 from django.core.management import CommandError, call_command
 
-from listeners.models import InboxEntry, TicketReplica
+from listeners.models import InboxEntry
+from ticketing.replica.models import TicketReplica
 from outbox.models import OutboxEvent
 from outbox.relay import Relay
 from outbox.streams import stream_name

@@ -8,7 +8,7 @@ import pytest
 from django.core.management import call_command
 from django.db import transaction
 
-from listeners.models import TicketReplica
+from ticketing.replica.models import TicketReplica
 from outbox.models import OutboxEvent, OutboxStatus
 from outbox.relay import Relay
 from outbox.streams import stream_name

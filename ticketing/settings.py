@@ -59,6 +59,7 @@ INSTALLED_APPS = [
     "outbox",
     "listeners",
     "ticketing",
+    "ticketing.replica",
 ]
 
 MIDDLEWARE = [
@@ -77,7 +78,7 @@ WSGI_APPLICATION = "ticketing.wsgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [BASE_DIR / "templates"],
+        "DIRS": [BASE_DIR / "ticketing" / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -213,7 +214,7 @@ for _key, _type in {
             raise ImproperlyConfigured(f"OUTBOX_{_key}={os.environ[f'OUTBOX_{_key}']!r} is not a number") from None
 
 LISTENERS = {
-    "HANDLER_MODULES": ["listeners.handlers", "ticketing.handlers"],
+    "HANDLER_MODULES": ["ticketing.replica.handlers", "ticketing.handlers"],
 }
 
 CELERY_TASK_ROUTES = {"outbox.*": {"queue": OUTBOX["CELERY_QUEUE"]}}

@@ -12,21 +12,6 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='TicketReplica',
-            fields=[
-                ('id', models.CharField(max_length=200, primary_key=True, serialize=False)),
-                ('title', models.CharField(max_length=200)),
-                ('price', models.DecimalField(decimal_places=2, max_digits=12)),
-                ('user_id', models.CharField(max_length=200)),
-                ('order_id', models.CharField(blank=True, max_length=200, null=True)),
-                ('version', models.PositiveIntegerField()),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-            ],
-            options={
-                'verbose_name': 'ticket replica',
-            },
-        ),
-        migrations.CreateModel(
             name='DeadLetter',
             fields=[
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),

@@ -9,7 +9,8 @@ import pytest
 from django.contrib.messages import get_messages
 from django.urls import reverse
 
-from listeners.models import DeadLetter, DeadLetterStatus, InboxEntry, TicketReplica
+from listeners.models import DeadLetter, DeadLetterStatus, InboxEntry
+from ticketing.replica.models import TicketReplica
 
 pytestmark = pytest.mark.django_db
 
@@ -193,11 +194,11 @@ def test_inbox_and_replica_admin_are_read_only(admin_client):
     replay(admin_client, [letter])
     entry = InboxEntry.objects.get()
 
-    for name in ("inboxentry", "ticketreplica"):
-        assert admin_client.get(reverse(f"admin:listeners_{name}_changelist")).status_code == 200
-        assert admin_client.get(reverse(f"admin:listeners_{name}_add")).status_code == 403
+    for name in ("listeners_inboxentry", "replica_ticketreplica"):
+        assert admin_client.get(reverse(f"admin:{name}_changelist")).status_code == 200
+        assert admin_client.get(reverse(f"admin:{name}_add")).status_code == 403
     inbox = admin_client.get(reverse("admin:listeners_inboxentry_changelist"), {"q": letter.event_id})
     assert [e.pk for e in inbox.context["cl"].result_list] == [entry.pk]
-    change = admin_client.post(reverse("admin:listeners_ticketreplica_change", args=["t-1"]), {"title": "Hacked"})
+    change = admin_client.post(reverse("admin:replica_ticketreplica_change", args=["t-1"]), {"title": "Hacked"})
     assert change.status_code == 403
     assert TicketReplica.objects.get(pk="t-1").title == "Concert"

@@ -19,8 +19,9 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from listeners.base import VersionedReplicaListener
-from listeners.handlers import TicketCreatedListener, TicketUpdatedListener
-from listeners.models import DeadLetter, InboxEntry, TicketReplica
+from ticketing.replica.handlers import TicketCreatedListener, TicketUpdatedListener
+from listeners.models import DeadLetter, InboxEntry
+from ticketing.replica.models import TicketReplica
 from listeners.processing import Delivery, apply_batch
 from tests import helpers
 from tests.listeners.conftest import REPLICA
@@ -171,7 +172,7 @@ def test_a_row_created_by_another_process_after_the_lock_turns_into_a_per_messag
     """The set's INSERT meets a row another transaction created meanwhile: no overwrite, no lost event."""
     other = psycopg.connect(helpers.test_database_url())
     other.execute(
-        "INSERT INTO listeners_ticketreplica (id, title, price, user_id, version, updated_at) "
+        "INSERT INTO replica_ticketreplica (id, title, price, user_id, version, updated_at) "
         "VALUES ('c1', 'theirs', 1, 'u9', 1, now())"
     )
     # Committed while our INSERT waits on the uncommitted row: ON CONFLICT sees it after our lock.

@@ -18,7 +18,8 @@ import psycopg
 import pytest
 from django.core.management import call_command
 
-from listeners.models import InboxEntry, TicketReplica
+from listeners.models import InboxEntry
+from ticketing.replica.models import TicketReplica
 from listeners.runner import CRASH_AFTER_COMMIT_ENV
 from outbox.streams import stream_name
 from tests import helpers
@@ -140,7 +141,7 @@ def test_crash_after_commit_before_ack_redelivers_as_duplicate_and_applies_nothi
 def _lock_replica_row(ticket_id: str) -> psycopg.Connection:
     """Hold a row lock on a replica from outside Django, so a listener's batch blocks mid-transaction."""
     conn = psycopg.connect(helpers.test_database_url())
-    conn.execute("SELECT 1 FROM listeners_ticketreplica WHERE id = %s FOR UPDATE", [ticket_id])
+    conn.execute("SELECT 1 FROM replica_ticketreplica WHERE id = %s FOR UPDATE", [ticket_id])
     return conn
 
 

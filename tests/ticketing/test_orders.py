@@ -9,7 +9,8 @@ import pytest
 from django.core.management import call_command
 from django.db import transaction
 
-from listeners.models import InboxEntry, TicketReplica
+from listeners.models import InboxEntry
+from ticketing.replica.models import TicketReplica
 from outbox import emit
 from outbox.models import OutboxEvent
 from outbox.relay import Relay

@@ -11,7 +11,7 @@ from django.db import transaction
 from rich.console import Console
 from rich.table import Table
 
-from listeners.models import TicketReplica
+from ticketing.replica.models import TicketReplica
 from outbox import emit
 from ticketing.events import OrderCreated, OrderTicket
 from ticketing.models import Ticket

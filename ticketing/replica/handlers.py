@@ -1,4 +1,4 @@
-"""The listeners this service runs: its copy of tickets, kept from ticket events.
+"""The replica listeners: a copy of tickets, kept from ticket events.
 
 This module knows tickets only through the event contracts, exactly as a second
 service would. Both listeners are :class:`VersionedReplicaListener` s of one model,
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from listeners.base import Context, VersionedReplicaListener
-from listeners.models import TicketReplica
+from ticketing.replica.models import TicketReplica
 from listeners.registry import listener
 from ticketing.events import TicketCreated, TicketUpdated
 
