@@ -41,6 +41,7 @@ test-cluster: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	DJANGO_DEV=1 $(PY) manage.py outbox_schema --check ticketing/contracts.json
 
 format: install
 	$(VENV)/bin/ruff format .

@@ -162,9 +162,7 @@ def run_listener(bench: Bench, *, events: int, tickets: int, batch: int) -> dict
         "(SELECT string_agg(outcome || '=' || n, ',') FROM (SELECT outcome, count(*) n FROM listeners_inboxentry "
         "GROUP BY outcome) o) FROM listeners_inboxentry"
     )[0]
-    replicas, at_last = bench.sql("SELECT count(*), count(*) FILTER (WHERE version = 9) FROM replica_ticketreplica")[
-        0
-    ]
+    replicas, at_last = bench.sql("SELECT count(*), count(*) FILTER (WHERE version = 9) FROM replica_ticketreplica")[0]
     dead = bench.scalar("SELECT count(*) FROM listeners_deadletter")
     if outcomes != f"applied={events}" or replicas != tickets or at_last != tickets or dead:
         raise RuntimeError(

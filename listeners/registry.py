@@ -5,9 +5,11 @@ from __future__ import annotations
 from importlib import import_module
 
 from django.conf import settings
+from django.utils.module_loading import autodiscover_modules
 
 from listeners.base import Listener
 from listeners.errors import UnknownListenerSubject
+from outbox.contracts import load_contract_modules
 from outbox.contracts import registry as contracts
 
 _listeners: list[type[Listener]] = []
@@ -32,8 +34,20 @@ def unregister(cls: type[Listener]) -> None:
         _listeners.remove(cls)
 
 
+#: The module of an installed app that autodiscovery imports for its listeners.
+HANDLERS_MODULE_NAME = "handlers"
+
+
 def autodiscover() -> None:
-    for module in getattr(settings, "LISTENERS", {}).get("HANDLER_MODULES", []):
+    """Import the modules that register listeners: ``LISTENERS['HANDLER_MODULES']`` when it is set,
+    otherwise the ``handlers`` module of every installed app that has one. Contracts first: a
+    listener names its subjects, which must be registered when it is."""
+    load_contract_modules()
+    modules = (getattr(settings, "LISTENERS", None) or {}).get("HANDLER_MODULES")
+    if modules is None:
+        autodiscover_modules(HANDLERS_MODULE_NAME)
+        return
+    for module in modules:
         import_module(module)
 
 

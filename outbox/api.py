@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 from django.db import DEFAULT_DB_ALIAS, connections
 
 from outbox.contracts import Event, payload_from_event, plain_json
-from outbox.errors import NotInTransactionError
+from outbox.errors import NotInTransactionError, UnrelayedDatabaseError
 from outbox.kick import kick_relay_after_commit
 from outbox.models import OutboxEvent
 
@@ -48,6 +48,7 @@ def emit(
     """Write ``event`` to the outbox inside the caller's transaction.
 
     The aggregate (type, id, version) comes from the event's contract unless given.
+    ``using`` must be the default database: the relay reads that outbox only (UnrelayedDatabaseError).
     Raises NotInTransactionError outside ``transaction.atomic``, UnknownSubjectError
     for an unregistered event class, InvalidPayloadError for a payload that breaks
     its contract. Nothing touches Redis or NATS here; the relay is kicked after commit, by
@@ -55,6 +56,12 @@ def emit(
     Returns the row; the columns the database fills (seq, created_at, next_attempt_at) are
     deferred and load on first access.
     """
+    if using != DEFAULT_DB_ALIAS:
+        raise UnrelayedDatabaseError(
+            f"emit(using={using!r}): the relay reads the outbox of the {DEFAULT_DB_ALIAS!r} database only, so a "
+            f"row written to {using!r} would never be published. Emit in a transaction on {DEFAULT_DB_ALIAS!r}, "
+            "together with the change the event describes."
+        )
     connection = connections[using]
     if not connection.in_atomic_block:
         raise NotInTransactionError(

@@ -6,7 +6,14 @@ from urllib.parse import urlparse
 
 from django.core.checks import Error, Warning, register
 
-from outbox.conf import nats_settings, nats_unknown_keys, outbox_settings, unknown_keys
+from outbox.conf import (
+    STREAM_LIMIT_KEYS,
+    nats_settings,
+    nats_unknown_keys,
+    outbox_settings,
+    stream_limits,
+    unknown_keys,
+)
 from outbox.contracts import registry
 
 
@@ -73,12 +80,82 @@ def check_outbox_settings(app_configs=None, **kwargs):  # noqa: ARG001
                 parsed.port  # noqa: B018 - raises ValueError on a bad port
             except ValueError:
                 errors.append(Error(f"NATS_URL entry {server!r} has an invalid port.", id="outbox.E007"))
+    errors.extend(_stream_limit_errors(conf))
+    errors.extend(_database_errors())
     if not registry.names():
         errors.append(
             Warning(
                 "No event contracts are registered.",
-                hint="List modules in OUTBOX['CONTRACT_MODULES'].",
+                hint="Define them in an installed app's events.py, or list modules in OUTBOX['CONTRACT_MODULES'].",
                 id="outbox.W002",
             )
         )
     return errors
+
+
+def _stream_limit_errors(conf) -> list:
+    errors = []
+    if not isinstance(conf.STREAMS, dict):
+        return [Error("OUTBOX['STREAMS'] must be a dict of stream name -> limits.", id="outbox.E011")]
+    known = registry.streams()
+    for stream, limits in conf.STREAMS.items():
+        if not isinstance(limits, dict) or set(limits) - set(STREAM_LIMIT_KEYS):
+            errors.append(
+                Error(
+                    f"OUTBOX['STREAMS'][{stream!r}] must be a dict with keys among {', '.join(STREAM_LIMIT_KEYS)}.",
+                    id="outbox.E011",
+                )
+            )
+            return errors
+        if known and stream not in known:
+            errors.append(
+                Warning(
+                    f"OUTBOX['STREAMS'] names stream {stream!r}, which no registered contract uses.",
+                    hint=f"Streams of the registered contracts: {', '.join(sorted(known))}.",
+                    id="outbox.W003",
+                )
+            )
+    for stream in sorted(set(known) | set(conf.STREAMS)):
+        try:
+            limits = stream_limits(stream, conf)
+        except (TypeError, ValueError):
+            errors.append(Error(f"The limits of stream {stream!r} are not numbers.", id="outbox.E012"))
+            continue
+        age = limits.max_age.total_seconds()
+        where = f"stream {stream!r}" if stream in conf.STREAMS else "OUTBOX['STREAM_MAX_AGE']"
+        if age < 0 or (0 < age < conf.DUPLICATE_WINDOW):
+            errors.append(
+                Error(
+                    f"The max age of {where} is {age:g} s; it must be 0 (no limit) or at least "
+                    f"DUPLICATE_WINDOW ({conf.DUPLICATE_WINDOW:g} s), or JetStream refuses the stream.",
+                    id="outbox.E012",
+                )
+            )
+        for name, value in (("max bytes", limits.max_bytes), ("max messages", limits.max_msgs)):
+            if value == 0 or value < -1:
+                errors.append(
+                    Error(
+                        f"The {name} of stream {stream!r} is {value}; use -1 (no limit) or a positive number.",
+                        id="outbox.E012",
+                    )
+                )
+    return errors
+
+
+def _database_errors() -> list:
+    """On PostgreSQL the relay claims and marks through psycopg 3 cursors."""
+    from django.db import connections
+
+    if connections["default"].vendor != "postgresql":
+        return []
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    if not is_psycopg3:
+        return [
+            Error(
+                "The outbox needs psycopg 3 on PostgreSQL; this project's database driver is psycopg2.",
+                hint="pip install 'psycopg[binary]' (Django uses psycopg 3 when both are installed).",
+                id="outbox.E013",
+            )
+        ]
+    return []

@@ -27,6 +27,15 @@ class OutboxSettings:
     STREAM_STORAGE: str = "file"
     #: How long JetStream remembers a Nats-Msg-Id; must exceed the relay's worst retry gap.
     DUPLICATE_WINDOW: float = 300.0
+    #: Retention of every stream (limits): messages older than this are removed (seconds or a
+    #: timedelta; 0: no age limit), and the stream keeps at most this many bytes / messages
+    #: (-1: no limit), discarding the oldest. Per stream in STREAMS.
+    STREAM_MAX_AGE: timedelta = timedelta(days=30)
+    STREAM_MAX_BYTES: int = -1
+    STREAM_MAX_MSGS: int = -1
+    #: Per-stream overrides, by stream name without STREAM_PREFIX:
+    #: ``{"TICKETS": {"MAX_AGE": 86400 * 90, "MAX_BYTES": 10 * 2**30, "MAX_MSGS": -1}}``.
+    STREAMS: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Rows claimed by one relay batch.
     BATCH_SIZE: int = 500
     #: Batches one relay keeps in flight: while one is on the wire, the next is claimed and the
@@ -72,8 +81,9 @@ class OutboxSettings:
     SWEEP_INTERVAL: float = 5.0
     #: Kick the relay on commit (turn off to rely on the sweep alone).
     KICK_ON_COMMIT: bool = True
-    #: Modules imported at start-up that register event contracts.
-    CONTRACT_MODULES: list[str] = field(default_factory=list)
+    #: Modules imported at start-up that register event contracts. None (the default): the
+    #: ``events`` module of every installed app that has one (``myapp/events.py``).
+    CONTRACT_MODULES: list[str] | None = None
 
 
 _KNOWN = {f.name for f in fields(OutboxSettings)}
@@ -89,10 +99,37 @@ def outbox_settings() -> OutboxSettings:
     bad = sorted(set(raw) - _KNOWN)
     if bad:
         raise ConfigurationError(f"Unknown OUTBOX setting(s): {', '.join(bad)}. Known: {', '.join(sorted(_KNOWN))}.")
-    retention = raw.get("RETENTION")
-    if isinstance(retention, int | float):
-        raw["RETENTION"] = timedelta(seconds=retention)
+    for key in ("RETENTION", "STREAM_MAX_AGE"):
+        if isinstance(raw.get(key), int | float):
+            raw[key] = timedelta(seconds=raw[key])
     return OutboxSettings(**raw)
+
+
+#: Keys of one entry of ``OUTBOX['STREAMS']``.
+STREAM_LIMIT_KEYS = ("MAX_AGE", "MAX_BYTES", "MAX_MSGS")
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """The retention limits of one stream: the defaults with that stream's overrides."""
+
+    max_age: timedelta
+    max_bytes: int
+    max_msgs: int
+
+
+def stream_limits(stream: str, conf: OutboxSettings | None = None) -> StreamLimits:
+    """Limits of ``stream`` (its name without STREAM_PREFIX)."""
+    conf = conf or outbox_settings()
+    own = conf.STREAMS.get(stream, {})
+    age = own.get("MAX_AGE", conf.STREAM_MAX_AGE)
+    if isinstance(age, int | float):
+        age = timedelta(seconds=age)
+    return StreamLimits(
+        max_age=age,
+        max_bytes=int(own.get("MAX_BYTES", conf.STREAM_MAX_BYTES)),
+        max_msgs=int(own.get("MAX_MSGS", conf.STREAM_MAX_MSGS)),
+    )
 
 
 @dataclass(frozen=True)

@@ -219,10 +219,22 @@ def plain_json(data: Any) -> str:
     return _encoder.encode(data).decode()
 
 
+#: The module of an installed app that autodiscovery imports for its contracts.
+CONTRACTS_MODULE_NAME = "events"
+
+
 def load_contract_modules() -> None:
+    """Import the modules that register contracts: ``OUTBOX['CONTRACT_MODULES']`` when it is set,
+    otherwise the ``events`` module of every installed app that has one. Idempotent."""
     from importlib import import_module
+
+    from django.utils.module_loading import autodiscover_modules
 
     from outbox.conf import outbox_settings
 
-    for module in outbox_settings().CONTRACT_MODULES:
+    modules = outbox_settings().CONTRACT_MODULES
+    if modules is None:
+        autodiscover_modules(CONTRACTS_MODULE_NAME)
+        return
+    for module in modules:
         import_module(module)

@@ -23,3 +23,7 @@ class PublishError(OutboxError):
 
 class ConfigurationError(OutboxError):
     """The OUTBOX or NATS settings are wrong."""
+
+
+class UnrelayedDatabaseError(OutboxError):
+    """``emit(using=...)`` named a database whose outbox no relay reads."""

@@ -25,9 +25,9 @@ import queue
 import threading
 from typing import Any
 
-from django.conf import settings
 from django.core.signals import setting_changed
 
+from outbox.celery_broker import redis_broker_url
 from outbox.conf import OutboxSettings, outbox_settings
 
 logger = logging.getLogger("outbox.kick")
@@ -63,8 +63,8 @@ def _flag_key(conf: OutboxSettings | None = None) -> str:
 
 
 def _redis() -> Any | None:
-    url = settings.CELERY_BROKER_URL
-    if not url.startswith(("redis://", "rediss://", "unix://")):
+    url = redis_broker_url()
+    if url is None:
         return None
     client = getattr(_local, "redis", None)
     if client is None or getattr(_local, "redis_url", None) != url:

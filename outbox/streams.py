@@ -1,4 +1,8 @@
-"""Streams derived from the contract registry, created and updated idempotently."""
+"""Streams derived from the contract registry, created and updated idempotently.
+
+Streams belong to the producing side: the relay (at worker start) and ``manage.py
+outbox_streams`` create and update them; a listener only checks that its streams exist.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
-from outbox.conf import OutboxSettings, outbox_settings
+from outbox.conf import OutboxSettings, outbox_settings, stream_limits
 from outbox.contracts import registry
 from outbox.errors import PublishError
 
@@ -36,6 +40,7 @@ def desired_configs(conf: OutboxSettings | None = None) -> list[StreamConfig]:
     conf = conf or outbox_settings()
     configs = []
     for stream, names in sorted(registry.streams().items()):
+        limits = stream_limits(stream, conf)
         configs.append(
             StreamConfig(
                 name=stream_name(stream, conf),
@@ -46,6 +51,9 @@ def desired_configs(conf: OutboxSettings | None = None) -> list[StreamConfig]:
                 discard=DiscardPolicy.OLD,
                 duplicate_window=conf.DUPLICATE_WINDOW,
                 num_replicas=conf.STREAM_REPLICAS,
+                max_age=limits.max_age.total_seconds(),
+                max_bytes=limits.max_bytes,
+                max_msgs=limits.max_msgs,
             )
         )
     return configs
@@ -65,9 +73,18 @@ def _drift(current: StreamConfig, desired: StreamConfig) -> dict[str, tuple[Any,
     for attr in ("retention", "storage", "num_replicas", "discard"):
         if getattr(current, attr) != getattr(desired, attr):
             diffs[attr] = (getattr(current, attr), getattr(desired, attr))
-    if abs((current.duplicate_window or 0) - (desired.duplicate_window or 0)) > 0.001:
-        diffs["duplicate_window"] = (current.duplicate_window, desired.duplicate_window)
+    for attr in ("duplicate_window", "max_age"):
+        if abs((getattr(current, attr) or 0) - (getattr(desired, attr) or 0)) > 0.001:
+            diffs[attr] = (getattr(current, attr), getattr(desired, attr))
+    for attr in ("max_bytes", "max_msgs"):
+        # The server reports "no limit" as -1; nats-py leaves an unset limit as None.
+        if _limit(getattr(current, attr)) != _limit(getattr(desired, attr)):
+            diffs[attr] = (getattr(current, attr), getattr(desired, attr))
     return diffs
+
+
+def _limit(value: int | None) -> int:
+    return -1 if value is None or value < 0 else value
 
 
 async def ensure_streams(js: JetStreamContext, *, apply: bool = True) -> list[StreamReport]:
@@ -109,6 +126,9 @@ async def _ensure_stream(js: JetStreamContext, desired: StreamConfig, *, apply: 
             num_replicas=desired.num_replicas,
             discard=desired.discard,
             description=desired.description,
+            max_age=desired.max_age,
+            max_bytes=desired.max_bytes,
+            max_msgs=desired.max_msgs,
         )
         await js.update_stream(merged)
     action = "updated" if apply and fixable else "drift"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
-from celery import shared_task
+from celery import Task, shared_task
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 from django.db import close_old_connections
 
@@ -14,6 +15,17 @@ from outbox.conf import outbox_settings
 logger = logging.getLogger("outbox.tasks")
 
 _relay = None
+
+
+class OutboxTask(Task):
+    """A relay task goes to ``OUTBOX['CELERY_QUEUE']`` by itself: the project needs no task route.
+
+    A route the project declares for these task names still wins (Celery gives routes precedence
+    over a task's own options), and so does a queue passed to ``apply_async``.
+    """
+
+    def _get_exec_options(self) -> dict[str, Any]:
+        return {**super()._get_exec_options(), "queue": outbox_settings().CELERY_QUEUE}
 
 
 def _get_relay():
@@ -25,7 +37,7 @@ def _get_relay():
     return _relay
 
 
-@shared_task(name="outbox.relay", ignore_result=True)
+@shared_task(name="outbox.relay", base=OutboxTask, ignore_result=True)
 def relay() -> int:
     """Drain the outbox, then follow new commits for up to FOLLOW_SECONDS of quiet (outbox/wake.py),
     within TASK_TIME_BUDGET seconds in all; re-kicks itself when work may remain."""
@@ -72,7 +84,7 @@ def _worker_stopping() -> bool:
     return state.should_stop is not None or state.should_terminate is not None
 
 
-@shared_task(name="outbox.sweep", ignore_result=True)
+@shared_task(name="outbox.sweep", base=OutboxTask, ignore_result=True)
 def sweep() -> int:
     """Beat backstop: publishes rows whose kick was lost (Redis down, worker crash)."""
     from outbox import metrics
@@ -88,7 +100,7 @@ def sweep() -> int:
         close_old_connections()
 
 
-@shared_task(name="outbox.purge", ignore_result=True)
+@shared_task(name="outbox.purge", base=OutboxTask, ignore_result=True)
 def purge() -> int:
     from outbox.services import outbox_purge_published
 

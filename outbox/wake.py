@@ -18,8 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from django.conf import settings
-
+from outbox.celery_broker import redis_broker_url
 from outbox.conf import OutboxSettings, outbox_settings
 
 logger = logging.getLogger("outbox.wake")
@@ -35,15 +34,15 @@ def wake_channel(conf: OutboxSettings | None = None) -> str:
 
 def follow_enabled() -> bool:
     """Following needs a Redis broker (the wake-ups travel through it)."""
-    return outbox_settings().FOLLOW_SECONDS > 0 and settings.CELERY_BROKER_URL.startswith(
-        ("redis://", "rediss://", "unix://")
-    )
+    return outbox_settings().FOLLOW_SECONDS > 0 and redis_broker_url() is not None
 
 
 def _client() -> Any:
     import redis
 
-    url = settings.CELERY_BROKER_URL
+    url = redis_broker_url()
+    if url is None:
+        raise RuntimeError("wake-ups need a Redis broker")
     key = (os.getpid(), url)
     with _lock:
         client = _clients.get(key)

@@ -21,12 +21,12 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
-from ticketing.replica.models import TicketReplica
 from outbox.broker import Broker
 from outbox.errors import PublishError
 from outbox.models import OutboxEvent, OutboxStatus
 from outbox.relay import Relay
 from tests.helpers import PYTHON, ROOT, PrivateNats, subprocess_env
+from ticketing.replica.models import TicketReplica
 from ticketing.services import ticket_create
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(180)]

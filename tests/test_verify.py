@@ -9,10 +9,10 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from listeners.models import InboxEntry
-from ticketing.replica.models import TicketReplica
 from outbox.models import OutboxEvent
 from outbox.relay import Relay
 from outbox.streams import stream_name
+from ticketing.replica.models import TicketReplica
 from ticketing.services import ticket_create, ticket_update
 from ticketing.verify import verify
 

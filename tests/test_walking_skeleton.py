@@ -8,12 +8,12 @@ import pytest
 from django.core.management import call_command
 from django.db import transaction
 
-from ticketing.replica.models import TicketReplica
 from outbox.models import OutboxEvent, OutboxStatus
 from outbox.relay import Relay
 from outbox.streams import stream_name
 from tests.helpers import read_stream
 from ticketing.models import Ticket
+from ticketing.replica.models import TicketReplica
 from ticketing.services import ticket_create, ticket_update
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -13,6 +13,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from outbox.beat import beat_schedule
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var"))
 
@@ -185,7 +187,6 @@ OUTBOX = {
     "STREAM_REPLICAS": int(os.environ.get("OUTBOX_STREAM_REPLICAS", "1")),
     "CELERY_QUEUE": os.environ.get("OUTBOX_CELERY_QUEUE", "outbox"),
     "SWEEP_INTERVAL": float(os.environ.get("OUTBOX_SWEEP_INTERVAL", "5")),
-    "CONTRACT_MODULES": ["ticketing.events"],
 }
 # Tuning knobs an operator (or the fault suite) may set from the environment.
 for _key, _type in {
@@ -213,15 +214,12 @@ for _key, _type in {
         except ValueError:
             raise ImproperlyConfigured(f"OUTBOX_{_key}={os.environ[f'OUTBOX_{_key}']!r} is not a number") from None
 
-LISTENERS = {
-    "HANDLER_MODULES": ["ticketing.replica.handlers", "ticketing.handlers"],
-}
+# Contracts (each app's events.py) and listeners (each app's handlers.py) are autodiscovered;
+# OUTBOX['CONTRACT_MODULES'] and LISTENERS['HANDLER_MODULES'] would name the modules instead.
+LISTENERS: dict = {}
 
-CELERY_TASK_ROUTES = {"outbox.*": {"queue": OUTBOX["CELERY_QUEUE"]}}
-CELERY_BEAT_SCHEDULE = {
-    "outbox-sweep": {"task": "outbox.sweep", "schedule": OUTBOX["SWEEP_INTERVAL"]},
-    "outbox-purge": {"task": "outbox.purge", "schedule": 3600.0},
-}
+# The relay's tasks route themselves to OUTBOX['CELERY_QUEUE']; beat gets its entries from one helper.
+CELERY_BEAT_SCHEDULE = beat_schedule(OUTBOX)
 
 # --- Logging --------------------------------------------------------------------------
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")

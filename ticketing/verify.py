@@ -24,11 +24,11 @@ from typing import Any
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from listeners.models import InboxEntry
-from ticketing.replica.models import TicketReplica
 from outbox.broker import connect
 from outbox.models import OutboxEvent, OutboxStatus
 from outbox.streams import event_name_from_subject, stream_name
 from ticketing.models import Ticket
+from ticketing.replica.models import TicketReplica
 
 TICKET_SUBJECTS = ("ticket:created", "ticket:updated")
 

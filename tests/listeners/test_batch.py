@@ -19,12 +19,12 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from listeners.base import VersionedReplicaListener
-from ticketing.replica.handlers import TicketCreatedListener, TicketUpdatedListener
 from listeners.models import DeadLetter, InboxEntry
-from ticketing.replica.models import TicketReplica
 from listeners.processing import Delivery, apply_batch
 from tests import helpers
 from tests.listeners.conftest import REPLICA
+from ticketing.replica.handlers import TicketCreatedListener, TicketUpdatedListener
+from ticketing.replica.models import TicketReplica
 
 LISTENERS = {"ticket:created": TicketCreatedListener, "ticket:updated": TicketUpdatedListener}
 

@@ -19,7 +19,6 @@ import pytest
 from django.core.management import call_command
 
 from listeners.models import InboxEntry
-from ticketing.replica.models import TicketReplica
 from listeners.runner import CRASH_AFTER_COMMIT_ENV
 from outbox.streams import stream_name
 from tests import helpers
@@ -38,6 +37,7 @@ from tests.listeners.conftest import (
     ticket,
     tickets,
 )
+from ticketing.replica.models import TicketReplica
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("isolated_streams")]
 

@@ -9,10 +9,10 @@ import re
 import pytest
 from django.core.management import CommandError, call_command
 
-from ticketing.replica.models import TicketReplica
 from listeners.registry import known_subjects
 from tests.helpers import free_port
 from tests.listeners.conftest import event_id, listener_env, publish, run_manage, summary, ticket
+from ticketing.replica.models import TicketReplica
 
 BOTH = ("ticket:created", "ticket:updated")
 

@@ -17,9 +17,7 @@ from hypothesis import strategies as st
 
 from listeners.base import Context, Listener
 from listeners.errors import PermanentFailure
-from ticketing.replica.handlers import TicketCreatedListener, TicketUpdatedListener
 from listeners.models import DeadLetter, DeadLetterStatus, InboxEntry
-from ticketing.replica.models import TicketReplica
 from listeners.processing import ACK, NAK, TERM, Delivery, apply_batch, dead_letter_replay
 from listeners.registry import listener, unregister
 from outbox.contracts import MAX_PAYLOAD_BYTES, Event, contract, registry
@@ -34,6 +32,8 @@ from tests.listeners.conftest import (
     summary,
     ticket,
 )
+from ticketing.replica.handlers import TicketCreatedListener, TicketUpdatedListener
+from ticketing.replica.models import TicketReplica
 
 LISTENERS = {"ticket:created": TicketCreatedListener, "ticket:updated": TicketUpdatedListener}
 

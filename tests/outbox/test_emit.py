@@ -9,7 +9,7 @@ from django.db import transaction
 
 from outbox import emit, event_context
 from outbox.contracts import Event, registry
-from outbox.errors import InvalidPayloadError, NotInTransactionError, UnknownSubjectError
+from outbox.errors import InvalidPayloadError, NotInTransactionError, UnknownSubjectError, UnrelayedDatabaseError
 from outbox.models import OutboxEvent
 from ticketing.events import TicketCreated, TicketUpdated
 
@@ -23,6 +23,13 @@ def created(**overrides) -> TicketCreated:
 def test_emit_outside_a_transaction_raises_and_writes_nothing():
     with pytest.raises(NotInTransactionError, match=r"transaction\.atomic"):
         emit(created())
+    assert OutboxEvent.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_emit_refuses_a_database_no_relay_reads_and_writes_nothing():
+    with transaction.atomic(), pytest.raises(UnrelayedDatabaseError, match=r"using='replica'.*'default' database only"):
+        emit(created(), using="replica")
     assert OutboxEvent.objects.count() == 0
 
 

@@ -8,7 +8,9 @@ replaced, where a test needs to hold a kick in flight.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
+from contextlib import contextmanager
 
 import pytest
 import redis
@@ -96,12 +98,32 @@ def test_turning_kick_on_commit_off_takes_effect_for_the_next_commit(queue, sett
     assert client.llen(name) == 0 and not client.exists(flag)
 
 
-def test_with_redis_unreachable_the_commit_returns_and_the_kicker_drops_the_kick_with_a_warning(caplog):
-    from django.test import override_settings
+@contextmanager
+def celery_broker(url: str):
+    """Point the Celery app itself (not Django's settings) at ``url`` for a while."""
+    from celery import current_app
 
+    from outbox.celery_broker import forget_broker_url
+
+    # Celery reads its own CELERY_BROKER_URL environment variable before its configuration.
+    old, old_env = current_app.conf.broker_url, os.environ.get("CELERY_BROKER_URL")
+    current_app.conf.broker_url = os.environ["CELERY_BROKER_URL"] = url
+    forget_broker_url()
+    try:
+        yield
+    finally:
+        current_app.conf.broker_url = old
+        if old_env is None:
+            os.environ.pop("CELERY_BROKER_URL", None)
+        else:
+            os.environ["CELERY_BROKER_URL"] = old_env
+        forget_broker_url()
+
+
+def test_with_redis_unreachable_the_commit_returns_and_the_kicker_drops_the_kick_with_a_warning(caplog):
     from tests.helpers import free_port
 
-    with override_settings(CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0"):
+    with celery_broker(f"redis://127.0.0.1:{free_port()}/0"):
         ticket_create(title="written anyway", price="1", user_id="u")
         assert kick.flush_kicks(60)
     assert OutboxEvent.objects.filter(status="pending").count() == 1
@@ -109,6 +131,19 @@ def test_with_redis_unreachable_the_commit_returns_and_the_kicker_drops_the_kick
         r.name == "outbox.kick" and "relay kick failed" in r.getMessage() and r.threadName == "outbox-kicker"
         for r in caplog.records
     ), caplog.text
+
+
+def test_the_kick_goes_through_the_celery_apps_broker_not_a_django_setting(queue):
+    """A project that configures Celery without CELERY_BROKER_URL in its settings still gets kicks."""
+    from django.test import override_settings
+
+    from tests.helpers import free_port
+
+    client, name, _flag = queue
+    with override_settings(CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0"):  # not what Celery uses
+        ticket_create(title="kicked through the app", price="1", user_id="u")
+        assert kick.flush_kicks(60)
+    assert client.llen(name) == 1
 
 
 def test_a_process_that_exits_right_after_its_commit_still_kicks_the_relay(queue, logs):

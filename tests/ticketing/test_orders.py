@@ -10,7 +10,6 @@ from django.core.management import call_command
 from django.db import transaction
 
 from listeners.models import InboxEntry
-from ticketing.replica.models import TicketReplica
 from outbox import emit
 from outbox.models import OutboxEvent
 from outbox.relay import Relay
@@ -18,6 +17,7 @@ from outbox.streams import stream_name
 from tests.helpers import manage, read_stream_fast, subprocess_env, wait_for
 from ticketing.events import OrderCancelled, OrderCreated, OrderTicket
 from ticketing.models import Ticket
+from ticketing.replica.models import TicketReplica
 from ticketing.services import ticket_create
 
 pytestmark = pytest.mark.django_db(transaction=True)

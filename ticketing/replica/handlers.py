@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from listeners.base import Context, VersionedReplicaListener
-from ticketing.replica.models import TicketReplica
 from listeners.registry import listener
 from ticketing.events import TicketCreated, TicketUpdated
+from ticketing.replica.models import TicketReplica
 
 REPLICA_GROUP = "replica"
 

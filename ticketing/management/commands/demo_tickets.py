@@ -11,10 +11,10 @@ from django.db import transaction
 from rich.console import Console
 from rich.table import Table
 
-from ticketing.replica.models import TicketReplica
 from outbox import emit
 from ticketing.events import OrderCreated, OrderTicket
 from ticketing.models import Ticket
+from ticketing.replica.models import TicketReplica
 from ticketing.services import ticket_create, ticket_update
 
 
