@@ -17,7 +17,7 @@ def check_listeners_settings(app_configs=None, **kwargs):  # noqa: ARG001
     unknown = sorted(set(raw) - KNOWN_KEYS)
     if unknown:
         errors.append(Error(f"Unknown LISTENERS setting(s): {', '.join(unknown)}.", id="listeners.E001"))
-    for module in raw.get("HANDLER_MODULES", []):
+    for module in raw.get("HANDLER_MODULES") or []:
         if find_spec(module) is None:
             errors.append(
                 Error(f"LISTENERS['HANDLER_MODULES'] names {module!r}, which cannot be imported.", id="listeners.E002")

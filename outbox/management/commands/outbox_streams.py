@@ -12,7 +12,7 @@ from outbox.streams import ensure_streams
 
 
 class Command(BaseCommand):
-    help = "Create missing streams and fix drift in existing ones (subjects, replicas, duplicate window)."
+    help = "Create missing streams and fix drift in existing ones (subjects, replicas, duplicate window, retention)."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--check", action="store_true", help="only report; exit 1 when anything differs")
