@@ -200,6 +200,7 @@ for _key, _type in {
     "TASK_TIME_BUDGET": float,
     "FOLLOW_SECONDS": float,
     "RETENTION": float,
+    "STREAM_MAX_AGE": float,
     "PIPELINE_DEPTH": int,
     "REBALANCE_SECONDS": float,
     "OWNERSHIP": str,
