@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "write_overhead": ("write_overhead.py", []),
     "listener_throughput": ("listener_throughput.py", []),
     "memory": ("memory.py", []),
+    "durability": ("durability.py", []),
 }
 
 

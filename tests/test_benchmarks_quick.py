@@ -17,7 +17,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_JSON = ROOT / "benchmarks" / "results" / "quick.json"
-EXPECTED = {"relay_throughput", "relay_history", "latency", "write_overhead", "listener_throughput", "memory"}
+EXPECTED = {
+    "relay_throughput",
+    "relay_history",
+    "latency",
+    "write_overhead",
+    "listener_throughput",
+    "memory",
+    "durability",
+}
 
 
 @pytest.mark.timeout(900)
