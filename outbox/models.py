@@ -43,6 +43,10 @@ class OutboxEvent(models.Model):
     published_at = models.DateTimeField(null=True, blank=True)
     stream = models.CharField(max_length=100, blank=True, default="")
     stream_sequence = models.BigIntegerField(null=True, blank=True)
+    #: Times ``outbox_reconcile`` found the published event missing from its stream and sent it back
+    #: to the relay. A republished row goes out with ``Nats-Msg-Id`` ``<id>:r<n>`` (the stream may
+    #: still remember the plain id as a duplicate) and an ``event-id`` header carrying the plain id.
+    republished = models.PositiveIntegerField(db_default=0, editable=False)
 
     class Meta:
         verbose_name = "outbox event"

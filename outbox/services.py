@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from uuid import UUID
 
 from django.db import transaction
+from django.db.models import F
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -41,6 +42,31 @@ def outbox_retry_now(*, event_ids: Iterable[UUID | str]) -> int:
             next_attempt_at=Now(), lease_until=None, lease_owner=""
         )
         transaction.on_commit(_kick, robust=True)
+    return count
+
+
+def outbox_republish(*, event_ids: Iterable[UUID | str], reason: str) -> int:
+    """Published rows whose message the stream no longer holds go back to pending (and the relay is kicked).
+
+    The relay publishes them again in per-aggregate order, each with a republish id of its own
+    (``Nats-Msg-Id`` ``<id>:r<n>``) so the stream's duplicate window cannot swallow the copy.
+    """
+    ids = list(event_ids)
+    with transaction.atomic():
+        count = OutboxEvent.objects.filter(id__in=ids, status=OutboxStatus.PUBLISHED).update(
+            status=OutboxStatus.PENDING,
+            attempts=0,
+            next_attempt_at=Now(),
+            lease_until=None,
+            lease_owner="",
+            published_at=None,
+            stream_sequence=None,
+            republished=F("republished") + 1,
+            last_error=reason,
+        )
+        if count:
+            transaction.on_commit(_kick, robust=True)
+    logger.info("outbox.republished count=%d reason=%s", count, reason)
     return count
 
 

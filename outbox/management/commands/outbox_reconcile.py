@@ -1,0 +1,72 @@
+"""Find published events their stream no longer holds, and put them back through the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from outbox.broker import connect
+from outbox.errors import OutboxError
+from outbox.reconcile import Findings, find_missing, parse_since
+from outbox.services import outbox_republish
+
+
+class Command(BaseCommand):
+    help = (
+        "Compare the retained published outbox rows with the streams (by stream sequence and event id) "
+        "and republish, in per-aggregate order, every event the stream lost."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--since", help="only rows published since: 90m, 2h, 7d or an ISO timestamp (default: all)")
+        parser.add_argument("--dry-run", action="store_true", help="only report; exit 1 when an event is missing")
+        parser.add_argument("--json", action="store_true", help="print the findings as JSON")
+
+    def handle(self, *args, **options) -> None:
+        try:
+            since = parse_since(options["since"]) if options["since"] else None
+        except ValueError:
+            raise CommandError(f"--since {options['since']!r}: use 90m, 2h, 7d or an ISO timestamp") from None
+
+        async def run() -> Findings:
+            nc = await connect(name="outbox-reconcile")
+            try:
+                return await find_missing(nc.jetstream(timeout=10), since=since)
+            finally:
+                await nc.close()
+
+        try:
+            findings = asyncio.run(run())
+        except OutboxError as exc:
+            raise CommandError(str(exc)) from None
+        if findings.missing and not options["dry_run"]:
+            by_stream = ", ".join(f"{s.stream}: {len(s.missing)}" for s in findings.streams if s.missing)
+            findings.republished = outbox_republish(
+                event_ids=findings.missing_ids(), reason=f"republished by outbox_reconcile: missing from {by_stream}"
+            )
+        if options["json"]:
+            self.stdout.write(json.dumps(findings.as_dict(), indent=2))
+        else:
+            self._report(findings, dry_run=options["dry_run"])
+        if options["dry_run"] and findings.missing:
+            raise SystemExit(1)
+
+    def _report(self, findings: Findings, *, dry_run: bool) -> None:
+        window = f"since {findings.since.isoformat()}" if findings.since else "all retained rows"
+        self.stdout.write(
+            f"checked {findings.checked} published events ({window}): present {findings.present}, "
+            f"missing {findings.missing}, expired by the stream's limits {findings.expired}, "
+            f"unknowable (no stream sequence) {findings.unknowable}"
+        )
+        for stream in findings.streams:
+            state = f"seq {stream.first_seq}..{stream.last_seq}" if stream.exists else "does not exist (deleted?)"
+            self.stdout.write(
+                f"  {stream.stream} ({state}): present {stream.present}, missing {len(stream.missing)}, "
+                f"expired {stream.expired}"
+            )
+        if findings.missing and dry_run:
+            self.stderr.write(f"{findings.missing} event(s) missing; run without --dry-run to republish them")
+        elif findings.missing:
+            self.stdout.write(f"republished {findings.republished} event(s) through the relay")
