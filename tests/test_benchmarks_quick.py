@@ -20,6 +20,7 @@ QUICK_JSON = ROOT / "benchmarks" / "results" / "quick.json"
 EXPECTED = {
     "relay_throughput",
     "relay_history",
+    "relay_statistics",
     "latency",
     "write_overhead",
     "listener_throughput",
