@@ -12,7 +12,18 @@ from pathlib import Path
 
 from django.db import connection
 
-from tests.helpers import PYTHON, ROOT, PrivateNats, PrivateRedis, celery_worker, manage, stop, subprocess_env, wait_for
+from tests.helpers import (
+    PYTHON,
+    ROOT,
+    PrivateNats,
+    PrivateRedis,
+    celery_worker,
+    listen_crashing_after_commit,
+    manage,
+    stop,
+    subprocess_env,
+    wait_for,
+)
 
 SOAK = os.environ.get("SOAK") == "1"
 
@@ -67,9 +78,9 @@ class Stack:
         else:
             self.relays[index] = proc
 
-    def start_listener(self, index: int | None = None, **env: str) -> None:
-        proc = manage(
-            "listen",
+    def start_listener(self, index: int | None = None, *, crash_after_commit: int | None = None) -> None:
+        """A listener; ``crash_after_commit=N``: it SIGKILLs itself right after its N-th commit, before acking."""
+        args = (
             "ticket:created",
             "ticket:updated",
             "--batch",
@@ -77,9 +88,13 @@ class Stack:
             # A short ack wait: messages held by a killed listener come back in seconds.
             "--ack-wait",
             "3",
-            env={**self.env, **env},
-            log=self.log("listener"),
         )
+        if crash_after_commit is None:
+            proc = manage("listen", *args, env=self.env, log=self.log("listener"))
+        else:
+            proc = listen_crashing_after_commit(
+                *args, batches=crash_after_commit, env=self.env, log=self.log("listener")
+            )
         if index is None:
             self.listeners.append(proc)
         else:

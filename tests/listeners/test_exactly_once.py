@@ -19,7 +19,6 @@ import pytest
 from django.core.management import call_command
 
 from listeners.models import InboxEntry, TicketReplica
-from listeners.runner import CRASH_AFTER_COMMIT_ENV
 from outbox.streams import stream_name
 from tests import helpers
 from tests.helpers import read_stream, stop, wait_for
@@ -122,8 +121,7 @@ def test_crash_after_commit_before_ack_redelivers_as_duplicate_and_applies_nothi
     publish(messages)
 
     # The fault hook SIGKILLs the process right after the first batch committed, before any ack.
-    crashed = start_listener(*BOTH, "--batch", "10", "--ack-wait", "2", log=tmp_path / "1.log",
-                             **{CRASH_AFTER_COMMIT_ENV: "1"})  # fmt: skip
+    crashed = start_listener(*BOTH, "--batch", "10", "--ack-wait", "2", log=tmp_path / "1.log", crash_after_commit=1)
     assert crashed.wait(60) == -signal.SIGKILL
     assert_each_applied_once(messages)
     assert replica_versions() == {"t1": 2, "t2": 1}
@@ -464,7 +462,7 @@ def _count_health_checks(monkeypatch) -> list[int]:
 
 def test_a_steady_flow_checks_its_database_connection_once_not_before_every_batch(monkeypatch):
     """A connection that served a batch a moment ago needs no SELECT 1 round trip before the next."""
-    monkeypatch.setattr("listeners.runner.DB_CHECK_INTERVAL", 3600.0)  # the whole run is one steady stretch
+    monkeypatch.setattr("listeners.db_health.DB_CHECK_INTERVAL", 3600.0)  # the whole run is one steady stretch
     messages = [ticket(f"c{n}", 0) for n in range(10)]
     publish(messages)
     checks = _count_health_checks(monkeypatch)
@@ -481,7 +479,7 @@ def test_a_connection_ended_while_the_listener_was_idle_is_replaced_before_the_n
 
     from django.db import connection
 
-    monkeypatch.setattr("listeners.runner.DB_CHECK_INTERVAL", 0.0)
+    monkeypatch.setattr("listeners.db_health.DB_CHECK_INTERVAL", 0.0)
     caplog.set_level(logging.INFO, logger="listeners")
     first, second = ticket("i1", 0), ticket("i2", 0)
     with connection.cursor() as cur:
@@ -521,8 +519,9 @@ def test_stopping_hands_back_messages_a_late_pull_left_in_the_client_buffer():
     import asyncio
     import json
 
+    from listeners.pull import OpenPull
     from listeners.registry import listeners_for
-    from listeners.runner import ListenerRunner, OpenPull
+    from listeners.runner import ListenerRunner
 
     publish([ticket("t1", 0), ticket("t2", 0), ticket("t3", 0)])
 
@@ -538,13 +537,13 @@ def test_stopping_hands_back_messages_a_late_pull_left_in_the_client_buffer():
                 break
             await asyncio.sleep(0.05)
         assert psub.pending_msgs >= 3
-        await runner._hand_back(OpenPull(runner.nc, psub, expires=1.0), plan)
+        await runner.hand_back(OpenPull(runner.nc, psub, expires=1.0), plan)
         await runner.nc.flush()
         again = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
         msgs = await again.fetch(3, timeout=5)  # at once, not after ack_wait
         for msg in msgs:
             await msg.nak()
-        await runner._close()
+        await runner.close()
         return [m.metadata.num_delivered for m in msgs]
 
     assert asyncio.run(scenario()) == [2, 2, 2]
@@ -556,8 +555,9 @@ def test_stopping_hands_back_messages_still_on_the_way_from_an_open_pull():
     import json
     import threading
 
+    from listeners.pull import OpenPull
     from listeners.registry import listeners_for
-    from listeners.runner import ListenerRunner, OpenPull
+    from listeners.runner import ListenerRunner
     from tests.listeners.conftest import _with_js
 
     publish([ticket("t1", 0), ticket("t2", 0), ticket("t3", 0)])
@@ -589,12 +589,12 @@ def test_stopping_hands_back_messages_still_on_the_way_from_an_open_pull():
         helper = threading.Thread(target=deliver_unread, args=(psub,))
         helper.start()
         helper.join()
-        await runner._hand_back(pull, plan)
+        await runner.hand_back(pull, plan)
         again = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
         msgs = await again.fetch(3, timeout=10)  # at once, not after ack_wait (120 s)
         for msg in msgs:
             await msg.nak()
-        await runner._close()
+        await runner.close()
         return [m.metadata.num_delivered for m in msgs]
 
     plan = None
@@ -605,8 +605,9 @@ def test_a_message_that_arrives_with_the_stop_is_handed_back_not_started():
     """First SIGTERM: the batch in hand is finished, but no new batch begins."""
     import asyncio
 
+    from listeners.pull import OpenPull
     from listeners.registry import listeners_for
-    from listeners.runner import ListenerRunner, OpenPull
+    from listeners.runner import ListenerRunner
 
     publish([ticket("t1", 0)])
 
@@ -627,11 +628,11 @@ def test_a_message_that_arrives_with_the_stop_is_handed_back_not_started():
 
         queue.put_nowait = put_and_stop
         batch = await pull.next_batch(1, wait=30, stop=stop)
-        await runner._hand_back(pull, plan)
+        await runner.hand_back(pull, plan)
         again = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
         [msg] = await again.fetch(1, timeout=10)  # handed back: at once, not after ack_wait
         await msg.nak()
-        await runner._close()
+        await runner.close()
         return batch, msg.metadata.num_delivered
 
     assert asyncio.run(scenario()) == ([], 2)
@@ -641,8 +642,9 @@ def test_a_stopped_listener_leaves_no_open_pull_to_swallow_later_messages():
     """Its pull requests outlive the process on the server; one must not take a message nobody will read."""
     import asyncio
 
+    from listeners.pull import OpenPull
     from listeners.registry import listeners_for
-    from listeners.runner import ListenerRunner, OpenPull
+    from listeners.runner import ListenerRunner
 
     async def scenario() -> int:
         runner = ListenerRunner(listeners_for(list(BOTH)), subjects=list(BOTH), ack_wait=120)
@@ -652,12 +654,12 @@ def test_a_stopped_listener_leaves_no_open_pull_to_swallow_later_messages():
         pull = OpenPull(runner.nc, psub, expires=60.0)
         await pull.renew(10)  # open for a minute, nothing to deliver yet
         await runner.nc.flush()
-        await runner._hand_back(pull, plan)
+        await runner.hand_back(pull, plan)
         await asyncio.to_thread(publish, [ticket("t1", 0)])
         again = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
         [msg] = await again.fetch(1, timeout=10)  # not after ack_wait: the old request took nothing
         await msg.ack()
-        await runner._close()
+        await runner.close()
         return msg.metadata.num_delivered
 
     assert asyncio.run(scenario()) == 1
