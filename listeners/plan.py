@@ -1,13 +1,16 @@
 """Consumer planning: which durable consumers a listener process needs, one per (group, stream).
 
-Pure: it reads the contract registry and the listener classes, never NATS. Where the
-server filters on one subject per consumer only (nats-server < 2.10), a partial set of
-a stream's subjects is split into one consumer per subject.
+Pure: it reads the contract registry, the listener classes and the subjects each
+stream takes (as the caller read them from the server), never NATS itself. A consumer
+takes the whole stream only when its subjects are all the stream takes; otherwise it
+filters. Where the server filters on one subject per consumer only (nats-server < 2.10),
+a partial set of a stream's subjects is split into one consumer per subject.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from listeners.base import Listener
@@ -35,14 +38,29 @@ class ConsumerPlan:
     event_names: dict[str, str] = field(default_factory=dict)
 
 
+def subjects_by_stream(listener_classes: list[type[Listener]], *, requested: list[str]) -> dict[str, list[str]]:
+    """The NATS subjects this process consumes, by stream name: what each stream must take."""
+    needed: dict[str, set[str]] = {}
+    for cls in listener_classes:
+        for name in cls.subjects:
+            if name in requested:
+                needed.setdefault(stream_name(registry.get(name).stream), set()).add(nats_subject(name))
+    return {stream: sorted(subjects) for stream, subjects in needed.items()}
+
+
 def plan_consumers(
     listener_classes: list[type[Listener]],
     *,
     requested: list[str],
     durable: str | None = None,
     multi_filter: bool = True,
+    stream_subjects: Mapping[str, Collection[str]] | None = None,
 ) -> list[ConsumerPlan]:
-    """One durable consumer per (group, stream); split per subject where the server cannot filter on several."""
+    """One durable consumer per (group, stream); split per subject where the server cannot filter on several.
+
+    ``stream_subjects``: the subjects each stream (by name) takes on the server; without
+    it, those this process's contract registry gives the stream.
+    """
     grouped: dict[tuple[str, str], dict[str, type[Listener]]] = {}
     for cls in listener_classes:
         for name in cls.subjects:
@@ -52,16 +70,19 @@ def plan_consumers(
             grouped.setdefault(key, {})[name] = cls
     plans = []
     for (group, stream), by_name in sorted(grouped.items()):
-        stream_all = sorted(registry.streams()[stream])
+        if stream_subjects is None:
+            taken = {nats_subject(n) for n in registry.streams()[stream]}
+        else:
+            taken = set(stream_subjects[stream_name(stream)])
         names = sorted(by_name)
         base = durable or group
         if len(grouped) > 1 and durable:
             base = f"{durable}-{stream}"
         # nats-server < 2.10 filters on one subject per consumer: split a partial set.
-        single = names == stream_all or len(names) == 1 or multi_filter
+        single = _takes_all(names, taken) or len(names) == 1 or multi_filter
         chunks = [names] if single else [[n] for n in names]
         for chunk in chunks:
-            whole = chunk == stream_all
+            whole = _takes_all(chunk, taken)
             suffix = stream if whole else "_".join(durable_slug(n) for n in chunk)
             name = base if durable and len(chunks) == 1 and len(grouped) == 1 else f"{base}-{suffix}"
             classes = [by_name[n] for n in chunk]
@@ -77,3 +98,8 @@ def plan_consumers(
                 )
             )
     return plans
+
+
+def _takes_all(names: list[str], taken: set[str]) -> bool:
+    """Whether the event ``names`` are every subject the stream takes (then no filter is needed)."""
+    return {nats_subject(n) for n in names} == taken

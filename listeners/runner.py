@@ -48,11 +48,12 @@ from listeners.db_health import ConnectionCheckSchedule, replace_unusable_connec
 from listeners.delivery import ACK, NAK, TERM, Decision, Delivery
 from listeners.errors import ListenerStartupError
 from listeners.hooks import AFTER_COMMIT, call_hooks
-from listeners.plan import ConsumerPlan, durable_slug, plan_consumers
+from listeners.plan import ConsumerPlan, durable_slug, plan_consumers, subjects_by_stream
 from listeners.pull import Pull, make_pull, quietly
+from listeners.stream_check import StreamNotReady, streams_check
 from outbox.broker import connect, connect_options
 from outbox.errors import OutboxError
-from outbox.streams import ensure_streams, event_name_from_subject
+from outbox.streams import event_name_from_subject
 
 logger = logging.getLogger("listeners.runner")
 
@@ -121,7 +122,11 @@ class ListenerRunner:
         return self._stop.is_set()
 
     async def connect(self) -> JetStreamContext:
-        """Connect, ensure the streams and the durable consumers; one-line ListenerStartupError on failure."""
+        """Connect, check the streams, ensure the durable consumers; one-line ListenerStartupError on failure.
+
+        The streams belong to the producers: a listener only checks that each one it consumes
+        exists and takes its subjects (:mod:`listeners.stream_check`), and never writes one.
+        """
         try:
             # The first connection is tried a bounded number of times: an operator must hear that
             # NATS is unreachable. Once connected, reconnection is as configured (forever by default).
@@ -133,11 +138,15 @@ class ListenerRunner:
             raise ListenerStartupError(str(exc)) from exc
         try:
             js = self.nc.jetstream(timeout=5)
-            await ensure_streams(js)
+            needed = subjects_by_stream(self.listener_classes, requested=self.subjects)
+            stream_subjects = await streams_check(js, needed)
             version = self.nc.connected_server_version
-            multi_filter = (version.major, version.minor) >= (2, 10)
             self.plans = plan_consumers(
-                self.listener_classes, requested=self.subjects, durable=self.durable, multi_filter=multi_filter
+                self.listener_classes,
+                requested=self.subjects,
+                durable=self.durable,
+                multi_filter=(version.major, version.minor) >= (2, 10),
+                stream_subjects=stream_subjects,
             )
             if self.ack_wait is not None:
                 for plan in self.plans:
@@ -146,10 +155,13 @@ class ListenerRunner:
                 if self.from_start:
                     await consumer_start_over(js, plan, reset=self.reset)
                 await consumer_ensure(js, plan, batch=self.batch)
+        except StreamNotReady:
+            await self.close()
+            raise
         except Exception as exc:
             await self.close()
             raise ListenerStartupError(
-                f"cannot set up the streams and consumers on NATS: {type(exc).__name__}: {exc}"
+                f"cannot check the streams and set up the consumers on NATS: {type(exc).__name__}: {exc}"
             ) from exc
         logger.info("listener.ready consumers=%s", ",".join(f"{p.stream}/{p.durable}" for p in self.plans) or "none")
         return js

@@ -31,6 +31,7 @@ from tests.listeners.conftest import (
     publish,
     publish_again_after_dedup_window,
     settled,
+    setup_streams,
     start_listener,
     summary,
     ticket,
@@ -236,6 +237,7 @@ def test_sigterm_mid_run_exits_0_and_a_restart_applies_every_event_exactly_once(
 def test_two_processes_sharing_the_durable_apply_each_event_once(tmp_path: Path):
     messages = tickets(100, 20)  # 2,000 events over 100 tickets
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    setup_streams()  # the producer's step: a listener only checks its streams
     procs = [start_listener(*BOTH, "--batch", "50", log=log) for log in logs]
     try:
         for log in logs:
@@ -346,6 +348,7 @@ def test_database_connection_lost_mid_run_is_retried_in_place_without_spending_d
     messages = tickets(100, 20, seed=3)
     chunks = [messages[start : start + 500] for start in range(0, len(messages), 500)]
     log = tmp_path / "listen.log"
+    setup_streams()  # the producer's step: a listener only checks its streams
     proc = start_listener(*BOTH, "--batch", "50", log=log)
     try:
         wait_for(lambda: log_lines(log, "listener.ready"), timeout=60, what="the listener to be ready")
@@ -388,6 +391,7 @@ def test_a_database_outage_longer_than_ack_wait_spends_no_delivery_of_the_batch_
         cur.execute("SELECT pg_backend_pid()")
         ours = cur.fetchone()[0]
     admin = psycopg.connect(helpers.test_database_url().rsplit("/", 1)[0] + "/postgres", autocommit=True)
+    setup_streams()  # the producer's step: a listener only checks its streams
     proc = start_listener(*BOTH, "--batch", "5", "--ack-wait", "2", log=log)
     try:
         wait_for(lambda: log_lines(log, "listener.ready"), timeout=60, what="the listener to be ready")
@@ -421,6 +425,7 @@ def test_a_batch_stuck_on_a_lock_longer_than_ack_wait_is_not_redelivered_nor_are
     first = ticket("s00", 0)
     rest = [ticket("s00", 1)] + [ticket(f"s{n:02d}", 0) for n in range(1, 20)]
     log = tmp_path / "listen.log"
+    setup_streams()  # the producer's step: a listener only checks its streams
     proc = start_listener(*BOTH, "--batch", "5", "--ack-wait", "2", log=log)
     try:
         publish([first])
@@ -504,6 +509,7 @@ def test_a_connection_ended_while_the_listener_was_idle_is_replaced_before_the_n
             problems.append(exc)
 
     helper = threading.Thread(target=meanwhile)
+    setup_streams()  # the producer's step: a listener only checks its streams
     helper.start()
     try:
         assert listen("--max-messages", "2", "--idle-exit", "60") == (2, {"applied": 2})
@@ -645,6 +651,8 @@ def test_a_stopped_listener_leaves_no_open_pull_to_swallow_later_messages():
     from listeners.pull import OpenPull
     from listeners.registry import listeners_for
     from listeners.runner import ListenerRunner
+
+    setup_streams()  # the producer's step: a listener only checks its streams
 
     async def scenario() -> int:
         runner = ListenerRunner(listeners_for(list(BOTH)), subjects=list(BOTH), ack_wait=120)
