@@ -280,7 +280,7 @@ def _first(pair: tuple[Any, Any]) -> Any:
 # value, so the statement text does not grow with the batch; a column whose value is the
 # same on every row (``updated_at``, the consumer, the outcome ...) is bound once, as a
 # scalar. They run on a server-binding cursor: the arrays travel as parameters instead of
-# being quoted into the SQL text in Python (the slowest step of a batch, measured).
+# being quoted into the SQL text in Python, which would cost more than anything else in a batch.
 
 
 def set_cursor():
