@@ -23,6 +23,7 @@ demo: install
 ## run: web (admin on 127.0.0.1:8000), relay worker + beat, listeners; Ctrl-C stops all
 run: install
 	DJANGO_DEV=1 DEBUG=1 $(PY) manage.py migrate --no-input -v 0
+	DJANGO_DEV=1 DEBUG=1 $(PY) manage.py outbox_streams
 	DJANGO_DEV=1 DEBUG=1 $(VENV)/bin/honcho start
 
 superuser: install

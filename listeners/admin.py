@@ -2,7 +2,7 @@
 
 A dead letter is the one row an operator works on: its payload is editable text
 (the bytes received stay as they were, for the record), and "Replay" applies the
-payload through its listener with :func:`listeners.processing.dead_letter_replay`,
+payload through its listener with :func:`listeners.replay.dead_letter_replay`,
 exactly once, recording the inbox row as a live delivery would. The inbox is
 written only by listeners and is read-only here.
 """
@@ -19,9 +19,10 @@ from django.utils.html import format_html
 from django.utils.text import Truncator
 from django.utils.translation import ngettext
 
+from listeners.delivery import ACK
 from listeners.errors import ListenerError
 from listeners.models import DeadLetter, DeadLetterStatus, InboxEntry
-from listeners.processing import ACK, dead_letter_replay
+from listeners.replay import dead_letter_replay
 from listeners.services import dead_letter_edit_payload
 from outbox.admin import ReadOnlyAdminMixin, badge, pretty_json
 from outbox.contracts import registry

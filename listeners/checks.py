@@ -4,20 +4,27 @@ from __future__ import annotations
 
 from importlib.util import find_spec
 
-from django.conf import settings
 from django.core.checks import Error, register
 
-KNOWN_KEYS = {"HANDLER_MODULES"}
+from listeners.conf import listeners_settings, settings_problems, unknown_keys
 
 
 @register()
 def check_listeners_settings(app_configs=None, **kwargs):  # noqa: ARG001
-    raw = getattr(settings, "LISTENERS", {}) or {}
-    errors = []
-    unknown = sorted(set(raw) - KNOWN_KEYS)
+    unknown = unknown_keys()
     if unknown:
-        errors.append(Error(f"Unknown LISTENERS setting(s): {', '.join(unknown)}.", id="listeners.E001"))
-    for module in raw.get("HANDLER_MODULES") or []:
+        return [
+            Error(
+                f"Unknown LISTENERS setting(s): {', '.join(unknown)}.",
+                hint="See listeners/conf.py.",
+                id="listeners.E001",
+            )
+        ]
+    problems = settings_problems()
+    if problems:
+        return [Error(problem, id="listeners.E003") for problem in problems]
+    errors = []
+    for module in listeners_settings().HANDLER_MODULES or ():
         if find_spec(module) is None:
             errors.append(
                 Error(f"LISTENERS['HANDLER_MODULES'] names {module!r}, which cannot be imported.", id="listeners.E002")

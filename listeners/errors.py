@@ -27,3 +27,7 @@ class TransactionBroken(ListenerError):
     Raised instead of letting Django's ``atomic`` roll back silently at exit, so the
     caller never acks a message whose work was not committed.
     """
+
+
+class ListenerConfigurationError(ListenerError):
+    """The LISTENERS setting is malformed (unknown key, wrong type); the message is one sentence."""

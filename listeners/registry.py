@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from django.conf import settings
 from django.utils.module_loading import autodiscover_modules
 
 from listeners.base import Listener
-from listeners.errors import UnknownListenerSubject
+from listeners.conf import listeners_settings
+from listeners.errors import ListenerConfigurationError, UnknownListenerSubject
 from outbox.contracts import load_contract_modules
 from outbox.contracts import registry as contracts
 
@@ -43,7 +43,10 @@ def autodiscover() -> None:
     otherwise the ``handlers`` module of every installed app that has one. Contracts first: a
     listener names its subjects, which must be registered when it is."""
     load_contract_modules()
-    modules = (getattr(settings, "LISTENERS", None) or {}).get("HANDLER_MODULES")
+    try:
+        modules = listeners_settings().HANDLER_MODULES
+    except ListenerConfigurationError:
+        return  # the system checks (listeners.E001/E003) say what is wrong, in one sentence
     if modules is None:
         autodiscover_modules(HANDLERS_MODULE_NAME)
         return

@@ -62,6 +62,21 @@ def manage(*args: str, env: dict[str, str] | None = None, log: Path | None = Non
     )
 
 
+def listen_crashing_after_commit(
+    *args: str, batches: int = 1, env: dict[str, str] | None = None, log: Path | None = None
+) -> subprocess.Popen:
+    """``manage.py listen ARGS`` that SIGKILLs itself after its ``batches``-th commit, before acking it."""
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        [PYTHON, "-m", "tests.crash_after_commit", str(batches), *args],
+        cwd=ROOT,
+        env=env or subprocess_env(),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
 def celery_worker(
     *, env: dict[str, str] | None = None, log: Path | None = None, beat: bool = False
 ) -> subprocess.Popen:

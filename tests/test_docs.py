@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import fields
 
-from listeners.checks import KNOWN_KEYS as LISTENERS_KEYS
+from listeners.conf import KNOWN_KEYS as LISTENERS_KEYS
 from outbox.conf import NatsSettings, OutboxSettings
 from tests.helpers import ROOT
 

@@ -12,7 +12,18 @@ from pathlib import Path
 
 from django.db import connection
 
-from tests.helpers import PYTHON, ROOT, PrivateNats, PrivateRedis, celery_worker, manage, stop, subprocess_env, wait_for
+from tests.helpers import (
+    PYTHON,
+    ROOT,
+    PrivateNats,
+    PrivateRedis,
+    celery_worker,
+    listen_crashing_after_commit,
+    manage,
+    stop,
+    subprocess_env,
+    wait_for,
+)
 
 SOAK = os.environ.get("SOAK") == "1"
 
@@ -49,6 +60,7 @@ class Stack:
     listeners: list[subprocess.Popen | None] = field(default_factory=list)
     kills: int = 0
     _logs: int = 0
+    _streams_ready: bool = False
 
     def __post_init__(self) -> None:
         self.nats = PrivateNats(store=self.tmp / "nats").start()
@@ -67,9 +79,26 @@ class Stack:
         else:
             self.relays[index] = proc
 
-    def start_listener(self, index: int | None = None, **env: str) -> None:
-        proc = manage(
-            "listen",
+    def ensure_streams(self) -> None:
+        """Create the streams the producer's way (``manage.py outbox_streams``) until it succeeds once.
+
+        A listener only checks its streams: started before any relay made them, it would exit.
+        When NATS cannot take them yet (no quorum), the listener that follows says so itself.
+        """
+        if not self._streams_ready:
+            done = subprocess.run(
+                [PYTHON, str(ROOT / "manage.py"), "outbox_streams"],
+                cwd=ROOT,
+                env=self.env,
+                capture_output=True,
+                timeout=120,
+            )
+            self._streams_ready = done.returncode == 0
+
+    def start_listener(self, index: int | None = None, *, crash_after_commit: int | None = None) -> None:
+        """A listener; ``crash_after_commit=N``: it SIGKILLs itself right after its N-th commit, before acking."""
+        self.ensure_streams()
+        args = (
             "ticket:created",
             "ticket:updated",
             "--batch",
@@ -77,9 +106,13 @@ class Stack:
             # A short ack wait: messages held by a killed listener come back in seconds.
             "--ack-wait",
             "3",
-            env={**self.env, **env},
-            log=self.log("listener"),
         )
+        if crash_after_commit is None:
+            proc = manage("listen", *args, env=self.env, log=self.log("listener"))
+        else:
+            proc = listen_crashing_after_commit(
+                *args, batches=crash_after_commit, env=self.env, log=self.log("listener")
+            )
         if index is None:
             self.listeners.append(proc)
         else:

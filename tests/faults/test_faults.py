@@ -76,8 +76,8 @@ def test_listener_sigkilled_repeatedly_including_between_commit_and_ack_applies_
     def kill_listener(n: int) -> None:
         s.sigkill(s.listeners, 0)
         # Every other restart dies right after its first commit, before acking it.
-        crash = {"LISTENERS_TEST_CRASH_AFTER_COMMIT": "1"} if n % 2 == 0 else {}
-        s.start_listener(0, **crash)
+        crash = n % 2 == 0
+        s.start_listener(0, crash_after_commit=1 if crash else None)
         if crash:
             wait_for(lambda: s.listeners[0].poll() is not None, timeout=120, what="the crash-after-commit hook")
             s.kills += 1

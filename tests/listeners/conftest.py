@@ -24,7 +24,15 @@ from nats.js.api import ConsumerInfo, PubAck
 
 from outbox.contracts import registry
 from outbox.streams import ensure_streams, nats_subject, stream_name
-from tests.helpers import PYTHON, ROOT, delete_streams, manage, subprocess_env, wait_for
+from tests.helpers import (
+    PYTHON,
+    ROOT,
+    delete_streams,
+    listen_crashing_after_commit,
+    manage,
+    subprocess_env,
+    wait_for,
+)
 
 Message = tuple[str, bytes, dict[str, str]]
 
@@ -192,8 +200,13 @@ def listener_env(**extra: str) -> dict[str, str]:
     return subprocess_env(LOG_LEVEL="INFO", **extra)
 
 
-def start_listener(*args: str, log: Path, **env: str) -> subprocess.Popen:
-    """``manage.py listen ARGS`` as a child process with INFO logs (one line per event) in ``log``."""
+def start_listener(*args: str, log: Path, crash_after_commit: int | None = None, **env: str) -> subprocess.Popen:
+    """``manage.py listen ARGS`` as a child process with INFO logs (one line per event) in ``log``.
+
+    ``crash_after_commit=N``: the process SIGKILLs itself right after its N-th batch committed, before any ack.
+    """
+    if crash_after_commit is not None:
+        return listen_crashing_after_commit(*args, batches=crash_after_commit, env=listener_env(**env), log=log)
     return manage("listen", *args, env=listener_env(**env), log=log)
 
 

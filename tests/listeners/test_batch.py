@@ -18,9 +18,10 @@ import pytest
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
+from listeners.apply import apply_batch
 from listeners.base import VersionedReplicaListener
+from listeners.delivery import Delivery
 from listeners.models import DeadLetter, InboxEntry
-from listeners.processing import Delivery, apply_batch
 from tests import helpers
 from tests.listeners.conftest import REPLICA
 from ticketing.replica.handlers import TicketCreatedListener, TicketUpdatedListener
@@ -268,11 +269,11 @@ def test_a_session_ended_by_the_server_is_a_lost_connection_even_before_the_sock
     """The set path has no savepoint: the runner must retry a lost connection, the batch must not fall back."""
     from django.db import OperationalError
 
-    from listeners.processing import _connection_lost
+    from listeners.db_health import connection_lost
 
     connection.ensure_connection()
     assert not connection.connection.broken  # the driver has not seen the closed socket yet
     try:
         raise OperationalError(str(error)) from error
     except OperationalError as exc:
-        assert _connection_lost(exc) is lost
+        assert connection_lost(exc) is lost

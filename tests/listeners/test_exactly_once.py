@@ -19,7 +19,6 @@ import pytest
 from django.core.management import call_command
 
 from listeners.models import InboxEntry
-from listeners.runner import CRASH_AFTER_COMMIT_ENV
 from outbox.streams import stream_name
 from tests import helpers
 from tests.helpers import read_stream, stop, wait_for
@@ -32,6 +31,7 @@ from tests.listeners.conftest import (
     publish,
     publish_again_after_dedup_window,
     settled,
+    setup_streams,
     start_listener,
     summary,
     ticket,
@@ -123,8 +123,7 @@ def test_crash_after_commit_before_ack_redelivers_as_duplicate_and_applies_nothi
     publish(messages)
 
     # The fault hook SIGKILLs the process right after the first batch committed, before any ack.
-    crashed = start_listener(*BOTH, "--batch", "10", "--ack-wait", "2", log=tmp_path / "1.log",
-                             **{CRASH_AFTER_COMMIT_ENV: "1"})  # fmt: skip
+    crashed = start_listener(*BOTH, "--batch", "10", "--ack-wait", "2", log=tmp_path / "1.log", crash_after_commit=1)
     assert crashed.wait(60) == -signal.SIGKILL
     assert_each_applied_once(messages)
     assert replica_versions() == {"t1": 2, "t2": 1}
@@ -239,6 +238,7 @@ def test_sigterm_mid_run_exits_0_and_a_restart_applies_every_event_exactly_once(
 def test_two_processes_sharing_the_durable_apply_each_event_once(tmp_path: Path):
     messages = tickets(100, 20)  # 2,000 events over 100 tickets
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    setup_streams()  # the producer's step: a listener only checks its streams
     procs = [start_listener(*BOTH, "--batch", "50", log=log) for log in logs]
     try:
         for log in logs:
@@ -349,6 +349,7 @@ def test_database_connection_lost_mid_run_is_retried_in_place_without_spending_d
     messages = tickets(100, 20, seed=3)
     chunks = [messages[start : start + 500] for start in range(0, len(messages), 500)]
     log = tmp_path / "listen.log"
+    setup_streams()  # the producer's step: a listener only checks its streams
     proc = start_listener(*BOTH, "--batch", "50", log=log)
     try:
         wait_for(lambda: log_lines(log, "listener.ready"), timeout=60, what="the listener to be ready")
@@ -391,6 +392,7 @@ def test_a_database_outage_longer_than_ack_wait_spends_no_delivery_of_the_batch_
         cur.execute("SELECT pg_backend_pid()")
         ours = cur.fetchone()[0]
     admin = psycopg.connect(helpers.test_database_url().rsplit("/", 1)[0] + "/postgres", autocommit=True)
+    setup_streams()  # the producer's step: a listener only checks its streams
     proc = start_listener(*BOTH, "--batch", "5", "--ack-wait", "2", log=log)
     try:
         wait_for(lambda: log_lines(log, "listener.ready"), timeout=60, what="the listener to be ready")
@@ -424,6 +426,7 @@ def test_a_batch_stuck_on_a_lock_longer_than_ack_wait_is_not_redelivered_nor_are
     first = ticket("s00", 0)
     rest = [ticket("s00", 1)] + [ticket(f"s{n:02d}", 0) for n in range(1, 20)]
     log = tmp_path / "listen.log"
+    setup_streams()  # the producer's step: a listener only checks its streams
     proc = start_listener(*BOTH, "--batch", "5", "--ack-wait", "2", log=log)
     try:
         publish([first])
@@ -465,7 +468,7 @@ def _count_health_checks(monkeypatch) -> list[int]:
 
 def test_a_steady_flow_checks_its_database_connection_once_not_before_every_batch(monkeypatch):
     """A connection that served a batch a moment ago needs no SELECT 1 round trip before the next."""
-    monkeypatch.setattr("listeners.runner.DB_CHECK_INTERVAL", 3600.0)  # the whole run is one steady stretch
+    monkeypatch.setattr("listeners.db_health.DB_CHECK_INTERVAL", 3600.0)  # the whole run is one steady stretch
     messages = [ticket(f"c{n}", 0) for n in range(10)]
     publish(messages)
     checks = _count_health_checks(monkeypatch)
@@ -482,7 +485,7 @@ def test_a_connection_ended_while_the_listener_was_idle_is_replaced_before_the_n
 
     from django.db import connection
 
-    monkeypatch.setattr("listeners.runner.DB_CHECK_INTERVAL", 0.0)
+    monkeypatch.setattr("listeners.db_health.DB_CHECK_INTERVAL", 0.0)
     caplog.set_level(logging.INFO, logger="listeners")
     first, second = ticket("i1", 0), ticket("i2", 0)
     with connection.cursor() as cur:
@@ -507,6 +510,7 @@ def test_a_connection_ended_while_the_listener_was_idle_is_replaced_before_the_n
             problems.append(exc)
 
     helper = threading.Thread(target=meanwhile)
+    setup_streams()  # the producer's step: a listener only checks its streams
     helper.start()
     try:
         assert listen("--max-messages", "2", "--idle-exit", "60") == (2, {"applied": 2})
@@ -522,8 +526,9 @@ def test_stopping_hands_back_messages_a_late_pull_left_in_the_client_buffer():
     import asyncio
     import json
 
+    from listeners.pull import OpenPull
     from listeners.registry import listeners_for
-    from listeners.runner import ListenerRunner, OpenPull
+    from listeners.runner import ListenerRunner
 
     publish([ticket("t1", 0), ticket("t2", 0), ticket("t3", 0)])
 
@@ -539,13 +544,13 @@ def test_stopping_hands_back_messages_a_late_pull_left_in_the_client_buffer():
                 break
             await asyncio.sleep(0.05)
         assert psub.pending_msgs >= 3
-        await runner._hand_back(OpenPull(runner.nc, psub, expires=1.0), plan)
+        await runner.hand_back(OpenPull(runner.nc, psub, expires=1.0), plan)
         await runner.nc.flush()
         again = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
         msgs = await again.fetch(3, timeout=5)  # at once, not after ack_wait
         for msg in msgs:
             await msg.nak()
-        await runner._close()
+        await runner.close()
         return [m.metadata.num_delivered for m in msgs]
 
     assert asyncio.run(scenario()) == [2, 2, 2]
@@ -557,8 +562,9 @@ def test_stopping_hands_back_messages_still_on_the_way_from_an_open_pull():
     import json
     import threading
 
+    from listeners.pull import OpenPull
     from listeners.registry import listeners_for
-    from listeners.runner import ListenerRunner, OpenPull
+    from listeners.runner import ListenerRunner
     from tests.listeners.conftest import _with_js
 
     publish([ticket("t1", 0), ticket("t2", 0), ticket("t3", 0)])
@@ -590,12 +596,12 @@ def test_stopping_hands_back_messages_still_on_the_way_from_an_open_pull():
         helper = threading.Thread(target=deliver_unread, args=(psub,))
         helper.start()
         helper.join()
-        await runner._hand_back(pull, plan)
+        await runner.hand_back(pull, plan)
         again = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
         msgs = await again.fetch(3, timeout=10)  # at once, not after ack_wait (120 s)
         for msg in msgs:
             await msg.nak()
-        await runner._close()
+        await runner.close()
         return [m.metadata.num_delivered for m in msgs]
 
     plan = None
@@ -606,8 +612,9 @@ def test_a_message_that_arrives_with_the_stop_is_handed_back_not_started():
     """First SIGTERM: the batch in hand is finished, but no new batch begins."""
     import asyncio
 
+    from listeners.pull import OpenPull
     from listeners.registry import listeners_for
-    from listeners.runner import ListenerRunner, OpenPull
+    from listeners.runner import ListenerRunner
 
     publish([ticket("t1", 0)])
 
@@ -628,11 +635,11 @@ def test_a_message_that_arrives_with_the_stop_is_handed_back_not_started():
 
         queue.put_nowait = put_and_stop
         batch = await pull.next_batch(1, wait=30, stop=stop)
-        await runner._hand_back(pull, plan)
+        await runner.hand_back(pull, plan)
         again = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
         [msg] = await again.fetch(1, timeout=10)  # handed back: at once, not after ack_wait
         await msg.nak()
-        await runner._close()
+        await runner.close()
         return batch, msg.metadata.num_delivered
 
     assert asyncio.run(scenario()) == ([], 2)
@@ -642,8 +649,11 @@ def test_a_stopped_listener_leaves_no_open_pull_to_swallow_later_messages():
     """Its pull requests outlive the process on the server; one must not take a message nobody will read."""
     import asyncio
 
+    from listeners.pull import OpenPull
     from listeners.registry import listeners_for
-    from listeners.runner import ListenerRunner, OpenPull
+    from listeners.runner import ListenerRunner
+
+    setup_streams()  # the producer's step: a listener only checks its streams
 
     async def scenario() -> int:
         runner = ListenerRunner(listeners_for(list(BOTH)), subjects=list(BOTH), ack_wait=120)
@@ -653,12 +663,12 @@ def test_a_stopped_listener_leaves_no_open_pull_to_swallow_later_messages():
         pull = OpenPull(runner.nc, psub, expires=60.0)
         await pull.renew(10)  # open for a minute, nothing to deliver yet
         await runner.nc.flush()
-        await runner._hand_back(pull, plan)
+        await runner.hand_back(pull, plan)
         await asyncio.to_thread(publish, [ticket("t1", 0)])
         again = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)
         [msg] = await again.fetch(1, timeout=10)  # not after ack_wait: the old request took nothing
         await msg.ack()
-        await runner._close()
+        await runner.close()
         return msg.metadata.num_delivered
 
     assert asyncio.run(scenario()) == 1

@@ -15,11 +15,13 @@ from django.core.management import CommandError, call_command
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from listeners.apply import apply_batch
 from listeners.base import Context, Listener
+from listeners.delivery import ACK, NAK, TERM, Delivery
 from listeners.errors import PermanentFailure
 from listeners.models import DeadLetter, DeadLetterStatus, InboxEntry
-from listeners.processing import ACK, NAK, TERM, Delivery, apply_batch, dead_letter_replay
 from listeners.registry import listener, unregister
+from listeners.replay import dead_letter_replay
 from outbox.contracts import MAX_PAYLOAD_BYTES, Event, contract, registry
 from outbox.streams import stream_name
 from tests.listeners.conftest import (

@@ -14,7 +14,7 @@ from outbox import emit
 from outbox.models import OutboxEvent
 from outbox.relay import Relay
 from outbox.streams import stream_name
-from tests.helpers import manage, read_stream_fast, subprocess_env, wait_for
+from tests.helpers import listen_crashing_after_commit, manage, read_stream_fast, wait_for
 from ticketing.events import OrderCancelled, OrderCreated, OrderTicket
 from ticketing.models import Ticket
 from ticketing.replica.models import TicketReplica
@@ -84,8 +84,7 @@ def test_order_cancelled_releases_the_ticket_and_emits_the_next_version():
 def test_tickets_listener_killed_after_commit_before_ack_makes_no_second_update_on_redelivery(logs):
     ticket = ticket_create(title="Concert", price="20", user_id="seller")
     publish(order_created("order-1", ticket))
-    env = subprocess_env(LISTENERS_TEST_CRASH_AFTER_COMMIT="1")
-    crashed = manage("listen", "order:created", "order:cancelled", env=env, log=logs / "crash.log")
+    crashed = listen_crashing_after_commit("order:created", "order:cancelled", batches=1, log=logs / "crash.log")
     assert crashed.wait(120) == -9, (logs / "crash.log").read_text()
     assert len(ticket_updates(ticket)) == 1  # committed before the crash
 

@@ -56,18 +56,18 @@ class Command(BaseCommand):
             classes = listeners_for(subjects, group=options["group"])
         except ListenerError as exc:
             raise CommandError(_one_line(exc)) from None
-        runner = ListenerRunner(
-            classes,
-            subjects=subjects,
-            durable=options["durable"],
-            batch=options["batch"],
-            max_messages=options["max_messages"],
-            idle_exit=options["idle_exit"],
-            from_start=options["from_start"],
-            reset=options["reset"],
-            ack_wait=options["ack_wait"],
-        )
         try:
+            runner = ListenerRunner(
+                classes,
+                subjects=subjects,
+                durable=options["durable"],
+                batch=options["batch"],
+                max_messages=options["max_messages"],
+                idle_exit=options["idle_exit"],
+                from_start=options["from_start"],
+                reset=options["reset"],
+                ack_wait=options["ack_wait"],
+            )
             stats = asyncio.run(self._run(runner))
         except (ListenerError, OutboxError) as exc:
             raise CommandError(_one_line(exc)) from None

@@ -1,6 +1,6 @@
 """``python manage.py listeners_replay ID [ID ...] | --all``: replay dead letters through their listeners.
 
-The same service as the admin's "Replay" action (:func:`listeners.processing.dead_letter_replay`):
+The same service as the admin's "Replay" action (:func:`listeners.replay.dead_letter_replay`):
 each letter is applied at most once, its inbox row written for its consumer; a letter
 that still fails stays dead and says why.
 """
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from listeners.delivery import ACK
 from listeners.models import DeadLetter, DeadLetterStatus
-from listeners.processing import ACK, dead_letter_replay
+from listeners.replay import dead_letter_replay
 
 
 class Command(BaseCommand):

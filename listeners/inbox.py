@@ -1,0 +1,96 @@
+"""Reads and writes of the inbox table: which events a consumer has applied, recording new ones, forgetting them.
+
+An inbox row (``consumer``, ``event_id`` unique) commits with the effect of its event
+or not at all; its unique constraint is the last line against a second copy of the
+same event applied concurrently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from django.db import transaction
+from django.utils import timezone
+
+from listeners.base import Listener, rows_source, set_cursor
+from listeners.delivery import Delivery, event_id_of
+from listeners.models import InboxEntry
+
+#: (consumer, event id) pairs known to be in the inbox.
+Applied = set[tuple[str, str]]
+
+#: InboxEntry.outcome length.
+OUTCOME_MAX = 32
+
+
+def inbox_read_batch(deliveries: Sequence[Delivery]) -> Applied:
+    """(consumer, event id) of the batch already in the inbox: one query for the whole batch."""
+    consumers = sorted({d.consumer for d in deliveries})
+    event_ids = sorted({event_id_of(d) for d in deliveries})
+    if transaction.get_connection().vendor != "postgresql":  # SQLite (the demo): the portable query
+        return set(
+            InboxEntry.objects.filter(consumer__in=consumers, event_id__in=event_ids).values_list(
+                "consumer", "event_id"
+            )
+        )
+    with set_cursor() as cursor:
+        # Arrays, not IN (...): one parameter per list, whatever the batch size.
+        cursor.execute(
+            f"SELECT consumer, event_id FROM {InboxEntry._meta.db_table} "  # noqa: S608 - the model's table
+            "WHERE consumer = ANY(%s::varchar[]) AND event_id = ANY(%s::varchar[])",
+            [consumers, event_ids],
+        )
+        return set(cursor.fetchall())
+
+
+def inbox_has(consumer: str, event_id: str, applied: Applied | None = None) -> bool:
+    """Whether the consumer applied the event: from ``applied`` when the batch read it, else one query."""
+    if applied is not None:
+        return (consumer, event_id) in applied
+    return InboxEntry.objects.filter(consumer=consumer, event_id=event_id).exists()
+
+
+def inbox_record(*, consumer: str, event_id: str, subject: str, stream_sequence: int | None, outcome: str) -> None:
+    """One inbox row (the per-message path, inside the message's savepoint)."""
+    InboxEntry.objects.create(
+        consumer=consumer,
+        event_id=event_id,
+        subject=subject,
+        stream_sequence=stream_sequence,
+        outcome=outcome[:OUTCOME_MAX],
+    )
+
+
+def inbox_record_set(rows: Sequence[tuple[Delivery, str, str]]) -> None:
+    """The inbox rows of a set — (delivery, event id, outcome) — in one INSERT, in order (their ids follow it)."""
+    if not rows:
+        return
+    now = timezone.now()
+    exprs, source, params = rows_source(
+        [
+            ("event_id", "varchar", [event_id for _, event_id, _ in rows]),
+            ("consumer", "varchar", [delivery.consumer for delivery, _, _ in rows]),
+            ("subject", "varchar", [delivery.event_name for delivery, _, _ in rows]),
+            ("stream_sequence", "bigint", [delivery.stream_sequence for delivery, _, _ in rows]),
+            ("outcome", "varchar", [outcome[:OUTCOME_MAX] for _, _, outcome in rows]),
+            ("processed_at", "timestamptz", [now] * len(rows)),
+        ]
+    )
+    with set_cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {InboxEntry._meta.db_table} "  # noqa: S608 - the model's table
+            "(event_id, consumer, subject, stream_sequence, outcome, processed_at) "
+            f"SELECT {', '.join(exprs)} FROM {source} ORDER BY v._n",
+            params,
+        )
+
+
+def inbox_forget_consumer(*, consumer: str, reset: Iterable[type[Listener]] = ()) -> None:
+    """Forget what ``consumer`` applied — and what the ``reset`` listeners built — in one transaction.
+
+    ``listen --from-start`` (and ``--reset``): the stream is then applied again from its start.
+    """
+    with transaction.atomic():
+        InboxEntry.objects.filter(consumer=consumer).delete()
+        for cls in set(reset):
+            cls().reset()
