@@ -30,7 +30,6 @@ def relay() -> int:
     """Drain the outbox, then follow new commits for up to FOLLOW_SECONDS of quiet (outbox/wake.py),
     within TASK_TIME_BUDGET seconds in all; re-kicks itself when work may remain."""
     from outbox.kick import clear_kick_flag, kick_relay
-    from outbox.relay import _accumulate
     from outbox.wake import Wakeups, follow_enabled
 
     clear_kick_flag()
@@ -49,11 +48,11 @@ def relay() -> int:
             else:
                 try:
                     # Subscribed: a drain now catches what committed before, the wake-ups the rest.
-                    _accumulate(total, relay.drain(time_budget=max(0.0, until - time.monotonic())))
+                    total.add(relay.drain(time_budget=max(0.0, until - time.monotonic())))
                     report, out_of_time = relay.follow(
                         wakeups, idle=conf.FOLLOW_SECONDS, until=until, stop=_worker_stopping
                     )
-                    _accumulate(total, report)
+                    total.add(report)
                     followed = True
                 finally:
                     wakeups.close()
