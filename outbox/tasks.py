@@ -74,12 +74,12 @@ def _worker_stopping() -> bool:
 @shared_task(name="outbox.sweep", ignore_result=True)
 def sweep() -> int:
     """Beat backstop: publishes rows whose kick was lost (Redis down, worker crash)."""
-    from outbox import metrics
+    from outbox.operations import sample_metrics
     from outbox.selectors import outbox_backlog
 
     close_old_connections()
     try:
-        metrics.sample()
+        sample_metrics()
         if outbox_backlog().pending == 0:
             return 0
         return _get_relay().drain(time_budget=outbox_settings().TASK_TIME_BUDGET).published

@@ -7,7 +7,7 @@ import os
 from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from outbox import metrics
+from outbox.operations import sample_metrics
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:
@@ -16,5 +16,5 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
         allowed = request.META.get("REMOTE_ADDR", "").startswith("127.")
     if not allowed:
         return HttpResponseForbidden("metrics need a staff login (or OUTBOX_METRICS_PUBLIC=1 from loopback)\n")
-    metrics.sample()
+    sample_metrics()
     return HttpResponse(generate_latest(), content_type=CONTENT_TYPE_LATEST)
