@@ -74,6 +74,12 @@ class OutboxSettings:
     KICK_ON_COMMIT: bool = True
     #: Modules imported at start-up that register event contracts.
     CONTRACT_MODULES: list[str] = field(default_factory=list)
+    #: A Celery worker serves its relay counters to Prometheus on this port (None: no server).
+    METRICS_PORT: int | None = None
+    #: The address that server listens on (loopback unless opened on purpose).
+    METRICS_ADDR: str = "127.0.0.1"
+    #: ``/metrics`` answers loopback requests without a staff login.
+    METRICS_PUBLIC: bool = False
 
 
 _KNOWN = {f.name for f in fields(OutboxSettings)}

@@ -109,15 +109,13 @@ def _fresh_connection_after_fork(**_: object) -> None:
 
 @worker_ready.connect
 def _metrics_server(**_: object) -> None:
-    """OUTBOX_METRICS_PORT=9808 serves this worker's relay counters to Prometheus (loopback by default)."""
-    import os
-
-    port = os.environ.get("OUTBOX_METRICS_PORT")
-    if port:
+    """OUTBOX['METRICS_PORT'] serves this worker's relay counters to Prometheus (on METRICS_ADDR: loopback)."""
+    conf = outbox_settings()
+    if conf.METRICS_PORT is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(int(port), addr=os.environ.get("OUTBOX_METRICS_ADDR", "127.0.0.1"))
-        logger.info("outbox.metrics_server port=%s", port)
+        start_http_server(conf.METRICS_PORT, addr=conf.METRICS_ADDR)
+        logger.info("outbox.metrics_server port=%s", conf.METRICS_PORT)
 
 
 @worker_ready.connect
