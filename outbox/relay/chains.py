@@ -35,8 +35,8 @@ class ChainRecords:
 
     #: A record is needed only until the chains claimed behind it registered: within a claim's
     #: time of it (records of chains still in flight are never dropped). One dropped early only
-    #: makes a follower skip (its rows stay pending). Kept short, the records of a relay touching
-    #: 100,000 aggregates a minute no longer cost ~50 MiB.
+    #: makes a follower skip (its rows stay pending). Kept short so that a relay touching many
+    #: aggregates holds few records (docs/relay.md, "Publishing").
     KEEP = 5.0
 
     def __init__(self) -> None:
@@ -82,7 +82,7 @@ async def publish_rows(
 
     A chain's next row is sent when the previous one's PubAck is in; chains of different
     aggregates are pipelined. Each message waits at most ``timeout`` seconds for its answer
-    (nats.py leaves some server errors unanswered: issue 985). A failure ends its chain.
+    (nats-py leaves some server errors unanswered: nats-io/nats.py issue 985). A failure ends its chain.
     """
     subjects = subjects if subjects is not None else Subjects()
     loop = asyncio.get_running_loop()

@@ -153,9 +153,3 @@ def mark_results(
                 [owner, *keys],
             )
     return len(result.failed), dead
-
-
-#: Marks and leases commit without waiting for the WAL flush (``synchronous_commit = off`` for
-#: that transaction only). A mark lost in a database crash (the last ~0.6 s of them) leaves its
-#: rows pending: they are published again and JetStream's dedup window absorbs the copies,
-#: exactly as after a relay crash between publish and mark. Not waiting for the disk halves

@@ -2,9 +2,9 @@
 and every nats-py internal the relay touches, behind one start-up check with a public-API fallback.
 
 A JetStream publish is a core NATS request: the message goes to the stream's subject with a reply
-subject, and the server answers there with a PubAck. nats-py's ``publish_async`` spends ~25 us of
-Python per message on bookkeeping (a semaphore wrapped in ``asyncio.wait_for``, random tokens,
-header regexes, a flush request per message). :class:`JetStreamPublisher` keeps one wildcard reply
+subject, and the server answers there with a PubAck. Most of nats-py's ``publish_async`` time per
+message is bookkeeping (a semaphore wrapped in ``asyncio.wait_for``, random tokens, header regexes,
+a flush request per message). :class:`JetStreamPublisher` keeps one wildcard reply
 subscription per connection, numbers its replies, frames the ``HPUB`` command itself and flushes
 once per burst.
 
@@ -20,7 +20,8 @@ The *wire path* uses these nats-py internals, and nothing else in the relay does
 :func:`wire_path_problem` is the one check, run when a connection's publisher is created: the
 installed nats-py must be one of :data:`VERIFIED_NATS_PY` and each internal must have the expected
 shape. Otherwise (or with ``OUTBOX['WIRE_PUBLISH'] = False``) the publisher uses nats-py's public
-``Client.publish`` and an ordinary subscription callback: the same stream, about twice the CPU.
+``Client.publish`` and an ordinary subscription callback: the same stream, at a higher CPU cost
+(the figures are in docs/relay.md, "Publishing").
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ class JetStreamPublisher:
         """Answer PubAcks straight from nats-py's protocol parser.
 
         nats-py turns every incoming message into a ``Msg``, queues it to the subscription's task
-        and awaits the callback: a third of the relay's Python time per message. The parser hands
+        and awaits the callback, which costs more than the rest of a publish. The parser hands
         each message to ``Client._process_msg``; messages for our reply subscription are answered
         there and everything else goes on as before.
         """
