@@ -12,7 +12,6 @@ caller's uncommitted rows).
 from __future__ import annotations
 
 import concurrent.futures
-import logging
 import time
 import weakref
 from collections import deque
@@ -31,8 +30,6 @@ from outbox.relay.batches import Batch, BatchSteps
 from outbox.relay.database import cursor, is_postgres
 from outbox.relay.rows import BatchReport, PublishResult
 from outbox.relay.sessions import WorkerSession, close_sessions
-
-logger = logging.getLogger("outbox.relay")
 
 
 class Relay:
