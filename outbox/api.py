@@ -53,7 +53,7 @@ def emit(
     for an unregistered event class, InvalidPayloadError for a payload that breaks
     its contract. Nothing touches Redis or NATS here; the relay is kicked after commit, by
     this process's kicker thread (outbox/kick.py), so the caller does not wait for Redis.
-    Returns the row; the columns the database fills (seq, created_at, next_attempt_at) are
+    Returns the row; the columns the database fills (seq, created_at, next_attempt_at, republished) are
     deferred and load on first access.
     """
     if using != DEFAULT_DB_ALIAS:
@@ -171,7 +171,7 @@ def _insert(connection: Any, using: str, fields: dict[str, Any]) -> OutboxEvent:
     ``Model.objects.create`` spends more CPU compiling and adapting eighteen columns than psycopg
     and the server spend on the statement; this sends a planned statement with the seven values
     that vary, and nothing comes back. The JSON columns hold the same values the ORM stored. The
-    returned instance has every column it wrote; the database-filled ones (seq, next_attempt_at,
+    returned instance has every column it wrote; the database-filled ones (seq, next_attempt_at, republished,
     created_at) are deferred, loaded on first access as for any deferred field.
     """
     plan = _plan(connection)

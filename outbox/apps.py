@@ -7,7 +7,9 @@ class OutboxConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from outbox import checks  # noqa: F401 - registers the system checks
+        # Imported for what they register: the system checks, and the Celery tasks (a kick finds
+        # the relay task by name).
+        from outbox import checks, tasks  # noqa: F401
         from outbox.contracts import load_contract_modules
 
         load_contract_modules()

@@ -84,6 +84,12 @@ class OutboxSettings:
     #: Modules imported at start-up that register event contracts. None (the default): the
     #: ``events`` module of every installed app that has one (``myapp/events.py``).
     CONTRACT_MODULES: list[str] | None = None
+    #: A Celery worker serves its relay counters to Prometheus on this port (None: no server).
+    METRICS_PORT: int | None = None
+    #: The address that server listens on (loopback unless opened on purpose).
+    METRICS_ADDR: str = "127.0.0.1"
+    #: ``/metrics`` answers loopback requests without a staff login.
+    METRICS_PUBLIC: bool = False
 
 
 _KNOWN = {f.name for f in fields(OutboxSettings)}

@@ -25,6 +25,7 @@ import queue
 import threading
 from typing import Any
 
+from celery import current_app
 from django.core.signals import setting_changed
 
 from outbox.celery_broker import redis_broker_url
@@ -33,6 +34,9 @@ from outbox.conf import OutboxSettings, outbox_settings
 logger = logging.getLogger("outbox.kick")
 
 _FLAG_TTL_MS = 2000
+#: The relay task (outbox/tasks.py), found by name in Celery's registry: the tasks use this
+#: module, so this module does not import them (outbox.apps imports them at start-up).
+RELAY_TASK = "outbox.relay"
 #: Seconds an exiting process waits for the kicks its commits asked for (Redis timeouts are 0.25 s).
 _EXIT_FLUSH_SECONDS = 5.0
 _local = threading.local()
@@ -138,14 +142,12 @@ def kick_relay() -> bool:
 
 
 def _enqueue(conf: OutboxSettings | None = None) -> bool:
-    from outbox.tasks import relay
-
     client = _redis()
     key = _flag_key(conf)
     try:
         if client is not None and not _set_flag(client, key, _wake_channel(conf)):
             return False
-        relay.apply_async(retry=False)
+        current_app.tasks[RELAY_TASK].apply_async(retry=False)
         return True
     except Exception as exc:  # noqa: BLE001 - the write committed; the sweep is the backstop
         logger.warning("relay kick failed (%s); the beat sweep will publish the event", exc)

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the relay (exposed by ``outbox_metrics`` / the worker)."""
+"""Prometheus metrics of the outbox: the relay's counters, and gauges of the database that
+``outbox.operations.sample_metrics()`` refreshes (served by ``/metrics`` and a worker's metrics server)."""
 
 from prometheus_client import Counter, Gauge
 
@@ -13,17 +14,3 @@ RELAYS_DRAINING = Gauge(
     "outbox_relays_draining",
     "Relays draining right now, from their partition locks (sampled; NaN in lease mode and on SQLite)",
 )
-
-
-def sample() -> None:
-    """Refresh the database-derived gauges (the web endpoint and the beat sweep call this)."""
-    from outbox.selectors import outbox_backlog, outbox_relays_draining
-
-    backlog = outbox_backlog()
-    BACKLOG.set(backlog.pending)
-    OLDEST_PENDING_AGE.set(backlog.oldest_pending_age or 0)
-    DEAD_ROWS.set(backlog.dead)
-    PUBLISHED_LAST_MINUTE.set(backlog.published_last_minute)
-    draining = outbox_relays_draining()
-    # Leases name batches, not relays: no number rather than a wrong one.
-    RELAYS_DRAINING.set(float("nan") if draining is None else draining)

@@ -13,6 +13,7 @@ nats_status``, so they never disagree:
   ``error`` string instead of an exception.
 * :func:`operations_snapshot` -- the database side (backlog, the relays draining and
   what they hold, throughput per minute, dead rows on both sides) plus :func:`nats_snapshot`.
+* :func:`sample_metrics` -- the database-derived gauges of ``outbox.metrics``, refreshed.
 
 Dead letters of the listeners are read through the app registry, not imported:
 ``outbox`` must not depend on ``listeners`` (it works without that app installed).
@@ -31,11 +32,12 @@ from django.db.models.functions import TruncMinute
 from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 
+from outbox import metrics
 from outbox.broker import connect
 from outbox.conf import nats_settings
 from outbox.errors import PublishError
 from outbox.models import OutboxEvent, OutboxStatus
-from outbox.selectors import outbox_backlog, outbox_relays, stream_summaries
+from outbox.selectors import outbox_backlog, outbox_relays, outbox_relays_draining, stream_summaries
 
 #: Seconds allowed for the whole NATS part (connect + every info request).
 NATS_TIMEOUT = 2.0
@@ -287,3 +289,15 @@ def operations_snapshot(*, timeout: float = NATS_TIMEOUT, dead_limit: int = DEAD
         "listeners_installed": listeners_installed,
         "nats": nats_snapshot(timeout=timeout),
     }
+
+
+def sample_metrics() -> None:
+    """Refresh the database-derived gauges (the web endpoint and the beat sweep call this)."""
+    backlog = outbox_backlog()
+    metrics.BACKLOG.set(backlog.pending)
+    metrics.OLDEST_PENDING_AGE.set(backlog.oldest_pending_age or 0)
+    metrics.DEAD_ROWS.set(backlog.dead)
+    metrics.PUBLISHED_LAST_MINUTE.set(backlog.published_last_minute)
+    draining = outbox_relays_draining()
+    # Leases name batches, not relays: no number rather than a wrong one.
+    metrics.RELAYS_DRAINING.set(float("nan") if draining is None else draining)

@@ -12,7 +12,8 @@ from django.utils import timezone
 
 from outbox.conf import outbox_settings
 from outbox.models import OutboxEvent, OutboxStatus
-from outbox.relay import _HASH, _MEMBER_KEY, LOCK_CLASS, PARTITIONS, TABLE
+from outbox.relay.database import LOCK_CLASS, TABLE
+from outbox.relay.partitions import AGGREGATE_HASH, MEMBER_KEY, PARTITIONS
 
 
 @dataclass
@@ -61,8 +62,8 @@ def outbox_backlog(*, per_subject: bool = False) -> Backlog:
 #
 # With partitions (PostgreSQL, the default) a relay writes nothing when it claims, so no row says
 # "in flight". What is true and visible is in ``pg_locks``: every draining relay's session holds the
-# shared membership lock (LOCK_CLASS, _MEMBER_KEY) and one exclusive lock (LOCK_CLASS, p) per
-# partition it owns (outbox/relay.py, ``_Partitions``; docs/relay.md, "Who may claim what").
+# shared membership lock (LOCK_CLASS, MEMBER_KEY) and one exclusive lock (LOCK_CLASS, p) per
+# partition it owns (outbox/relay/partitions.py, ``Partitions``; docs/relay.md, "Who may claim what").
 
 #: Sessions of this database holding the relay's membership or partition locks, with who they are.
 #: A session with partitions but no membership lock is listed too: it holds them all the same.
@@ -81,7 +82,7 @@ ORDER BY a.backend_start NULLS LAST, l.pid
 
 #: Pending rows per partition, with the relay's own hash expression (``o`` is the table's alias there).
 _PENDING_PER_PARTITION = f"""
-SELECT ({_HASH} & {PARTITIONS - 1})::int, count(*) FROM {TABLE} o WHERE o.status = 'pending' GROUP BY 1
+SELECT ({AGGREGATE_HASH} & {PARTITIONS - 1})::int, count(*) FROM {TABLE} o WHERE o.status = 'pending' GROUP BY 1
 """  # noqa: S608 - table name and constants only
 
 _MEMBERS = """
@@ -226,7 +227,7 @@ def outbox_relays(*, now: datetime | None = None, pending: bool = True) -> Relay
     if not postgres:
         return result
     with connection.cursor() as cur:
-        cur.execute(_RELAY_SESSIONS, {"member": _MEMBER_KEY, "partitions": PARTITIONS, "lock_class": LOCK_CLASS})
+        cur.execute(_RELAY_SESSIONS, {"member": MEMBER_KEY, "partitions": PARTITIONS, "lock_class": LOCK_CLASS})
         sessions = cur.fetchall()
         per_partition: dict[int, int] = {}
         if pending:
@@ -259,7 +260,7 @@ def outbox_relays_draining() -> int | None:
     if connection.vendor != "postgresql" or outbox_settings().OWNERSHIP != "partitions":
         return None
     with connection.cursor() as cur:
-        cur.execute(_MEMBERS, [LOCK_CLASS, _MEMBER_KEY])
+        cur.execute(_MEMBERS, [LOCK_CLASS, MEMBER_KEY])
         return cur.fetchone()[0]
 
 

@@ -42,7 +42,6 @@ def relay() -> int:
     """Drain the outbox, then follow new commits for up to FOLLOW_SECONDS of quiet (outbox/wake.py),
     within TASK_TIME_BUDGET seconds in all; re-kicks itself when work may remain."""
     from outbox.kick import clear_kick_flag, kick_relay
-    from outbox.relay import _accumulate
     from outbox.wake import Wakeups, follow_enabled
 
     clear_kick_flag()
@@ -61,11 +60,11 @@ def relay() -> int:
             else:
                 try:
                     # Subscribed: a drain now catches what committed before, the wake-ups the rest.
-                    _accumulate(total, relay.drain(time_budget=max(0.0, until - time.monotonic())))
+                    total.add(relay.drain(time_budget=max(0.0, until - time.monotonic())))
                     report, out_of_time = relay.follow(
                         wakeups, idle=conf.FOLLOW_SECONDS, until=until, stop=_worker_stopping
                     )
-                    _accumulate(total, report)
+                    total.add(report)
                     followed = True
                 finally:
                     wakeups.close()
@@ -87,12 +86,12 @@ def _worker_stopping() -> bool:
 @shared_task(name="outbox.sweep", base=OutboxTask, ignore_result=True)
 def sweep() -> int:
     """Beat backstop: publishes rows whose kick was lost (Redis down, worker crash)."""
-    from outbox import metrics
+    from outbox.operations import sample_metrics
     from outbox.selectors import outbox_backlog
 
     close_old_connections()
     try:
-        metrics.sample()
+        sample_metrics()
         if outbox_backlog().pending == 0:
             return 0
         return _get_relay().drain(time_budget=outbox_settings().TASK_TIME_BUDGET).published
@@ -122,15 +121,13 @@ def _fresh_connection_after_fork(**_: object) -> None:
 
 @worker_ready.connect
 def _metrics_server(**_: object) -> None:
-    """OUTBOX_METRICS_PORT=9808 serves this worker's relay counters to Prometheus (loopback by default)."""
-    import os
-
-    port = os.environ.get("OUTBOX_METRICS_PORT")
-    if port:
+    """OUTBOX['METRICS_PORT'] serves this worker's relay counters to Prometheus (on METRICS_ADDR: loopback)."""
+    conf = outbox_settings()
+    if conf.METRICS_PORT is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(int(port), addr=os.environ.get("OUTBOX_METRICS_ADDR", "127.0.0.1"))
-        logger.info("outbox.metrics_server port=%s", port)
+        start_http_server(conf.METRICS_PORT, addr=conf.METRICS_ADDR)
+        logger.info("outbox.metrics_server port=%s", conf.METRICS_PORT)
 
 
 @worker_ready.connect

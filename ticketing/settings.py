@@ -205,6 +205,9 @@ for _key, _type in {
     "REBALANCE_SECONDS": float,
     "OWNERSHIP": str,
     "WIRE_PUBLISH": bool,
+    "METRICS_PORT": int,
+    "METRICS_ADDR": str,
+    "METRICS_PUBLIC": bool,
 }.items():
     if os.environ.get(f"OUTBOX_{_key}"):
         if _type is bool:

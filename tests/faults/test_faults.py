@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+from tests import crashing_relay
 from tests.faults.harness import SOAK, Stack, after_progress, applied, published, scaled
 from tests.helpers import wait_for
 
@@ -153,10 +154,9 @@ def test_relay_republishing_after_the_dedup_window_stores_duplicates_that_the_in
     s.start_listener()
     load = s.load(tickets=5, updates=40, rate=50)
     assert load.wait(300) == 0
-    crashing = dict(s.env, OUTBOX_FAULT_INJECTION="crash-after-publish")
-    from tests.helpers import manage
-
-    proc = manage("outbox_relay", "--drain", "--quiet", env=crashing, log=s.log("crashing-relay"))
+    proc = crashing_relay.start(
+        "after-publish", "outbox_relay", "--drain", "--quiet", env=s.env, log=s.log("crashing-relay")
+    )
     assert proc.wait(120) == -9
     s.start_relay()
     report = s.wait_quiet_and_verify(allow_stream_duplicates=True)

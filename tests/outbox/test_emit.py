@@ -118,7 +118,7 @@ def test_emit_writes_every_column_as_the_orm_would_and_returns_the_stored_row():
     assert stored["headers"] == {"correlation-id": "corr-1", "x-extra": "1"}
     # The returned instance is the stored row: what emit() wrote is on it, the columns the database
     # filled are deferred and load on first access. It is not "adding" (a save() would UPDATE).
-    assert row.get_deferred_fields() == {"seq", "created_at", "next_attempt_at"}
+    assert row.get_deferred_fields() == {"seq", "created_at", "next_attempt_at", "republished"}
     assert {f.attname: getattr(row, f.attname) for f in OutboxEvent._meta.concrete_fields} == stored
     assert row.seq < orm.seq
     assert not row._state.adding and row._state.db == "default"

@@ -8,8 +8,8 @@ from tests.helpers import insert_ticket_events
 
 
 @pytest.mark.django_db
-def test_metrics_endpoint_requires_a_staff_login(client, monkeypatch):
-    monkeypatch.delenv("OUTBOX_METRICS_PUBLIC", raising=False)
+def test_metrics_endpoint_requires_a_staff_login(client, settings):
+    settings.OUTBOX = {**settings.OUTBOX, "METRICS_PUBLIC": False}
     assert client.get("/metrics").status_code == 403
 
 
@@ -22,7 +22,7 @@ def test_metrics_endpoint_reports_the_backlog_to_staff(admin_client):
 
 
 @pytest.mark.django_db
-def test_metrics_endpoint_can_be_opened_to_loopback_only(client, monkeypatch):
-    monkeypatch.setenv("OUTBOX_METRICS_PUBLIC", "1")
+def test_metrics_endpoint_can_be_opened_to_loopback_only(client, settings):
+    settings.OUTBOX = {**settings.OUTBOX, "METRICS_PUBLIC": True}
     assert client.get("/metrics", REMOTE_ADDR="127.0.0.1").status_code == 200
     assert client.get("/metrics", REMOTE_ADDR="10.1.2.3").status_code == 403

@@ -2,7 +2,7 @@
 
 With partitions (the default) a relay's claim writes nothing, so rows never say "in flight"; the
 relays are seen in ``pg_locks``. Each relay here is a real second database session holding real
-advisory locks: either ``_Partitions`` driven on its own connection, exactly as ``Relay.drain``
+advisory locks: either ``Partitions`` driven on its own connection, exactly as ``Relay.drain``
 drives it, or a real ``Relay.drain`` paused between two batches.
 """
 
@@ -19,10 +19,11 @@ from django.core.management import call_command
 from django.db import connection, connections
 from django.urls import reverse
 
-from outbox import relay as relay_module
 from outbox.conf import outbox_settings
 from outbox.models import OutboxEvent, OutboxStatus
-from outbox.relay import PARTITIONS, Relay, _Partitions, claim_batch
+from outbox.relay import Relay
+from outbox.relay.leases import claim_leased_batch
+from outbox.relay.partitions import PARTITIONS, Partitions, claim_from_partitions
 from outbox.selectors import outbox_relays
 from tests.helpers import insert_ticket_events, wait_for
 
@@ -53,7 +54,7 @@ class HeldRelay:
         self.cur = psycopg.Cursor(self.conn.connection)
         self.cur.execute("SELECT set_config('application_name', %s, false), pg_backend_pid()", [name])
         self.pid = self.cur.fetchone()[1]
-        self.parts = _Partitions(outbox_settings())
+        self.parts = Partitions(outbox_settings())
 
     def join(self) -> HeldRelay:
         self.parts.join(self.cur)
@@ -68,8 +69,8 @@ class HeldRelay:
 
     def would_claim(self) -> int:
         """The rows this relay's own claim returns from its partitions (every row is due here)."""
-        rows = relay_module._claim_owned(
-            self.cur, limit=1_000_000, window=None, inflight="", partitions=sorted(self.parts.owned)
+        rows = claim_from_partitions(
+            self.cur, limit=1_000_000, window=None, inflight="", partitions=sorted(self.parts.held)
         )
         return len(rows)
 
@@ -127,7 +128,7 @@ def test_a_relay_alone_is_listed_with_its_session_all_partitions_and_every_pendi
     assert session.application_name == "relay-a"
     assert session.client_addr == "127.0.0.1" and session.client_port
     assert session.backend_start is not None and session.state == "idle"
-    assert session.partitions == sorted(relay.parts.owned) == list(range(PARTITIONS))
+    assert session.partitions == sorted(relay.parts.held) == list(range(PARTITIONS))
     assert session.pending == total == relay.would_claim()
     assert view.pending_unheld == 0
     assert view.headline == f"relays draining: 1 ({PARTITIONS} partitions)"
@@ -153,7 +154,7 @@ def test_two_relays_each_show_the_partitions_they_hold_and_exactly_the_rows_thei
     by_pid = {r.pid: r for r in view.relays}
     for relay in (first, second):
         session = by_pid[relay.pid]
-        assert session.partitions == sorted(relay.parts.owned) and len(session.partitions) == PARTITIONS // 2
+        assert session.partitions == sorted(relay.parts.held) and len(session.partitions) == PARTITIONS // 2
         assert session.pending == relay.would_claim()
     assert by_pid[first.pid].pending + by_pid[second.pid].pending == total
     assert view.pending_unheld == 0
@@ -338,7 +339,7 @@ def test_outbox_changelist_card_names_the_relays_draining_in_partition_mode(admi
 def test_lease_mode_still_shows_the_leased_rows_in_flight_and_does_not_pretend_to_list_relays(settings, admin_client):
     settings.OUTBOX = {**settings.OUTBOX, "OWNERSHIP": "leases"}
     insert_ticket_events(aggregates=30, per_aggregate=1)
-    leased = claim_batch(limit=12, lease_seconds=300, owner="batch-1")
+    leased = claim_leased_batch(limit=12, lease_seconds=300, owner="batch-1")
     assert len(leased) == 12
 
     view = outbox_relays()

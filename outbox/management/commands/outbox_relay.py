@@ -46,7 +46,7 @@ class Command(BaseCommand):
 
                     while not stop["now"]:
                         report = relay.drain(on_batch=advance, stop=lambda: stop["now"])
-                        _add(totals, report)
+                        totals.add(report)
                         if report.published == 0 and report.failed:
                             break  # NATS refuses everything: say so below instead of spinning
                         if stop["now"] or not relay.held_elsewhere():
@@ -57,7 +57,7 @@ class Command(BaseCommand):
             else:
                 while not stop["now"]:
                     report = relay.drain(stop=lambda: stop["now"])
-                    _add(totals, report)
+                    totals.add(report)
                     if report.claimed == 0 or (report.published == 0 and report.failed):
                         time.sleep(options["idle"])
         except OutboxError as exc:
@@ -73,10 +73,3 @@ class Command(BaseCommand):
         )
         if options["drain"] and totals.failed and totals.published == 0 and left.pending:
             raise CommandError("could not publish: see the rows' last_error (outbox_status) — is NATS reachable?")
-
-
-def _add(total: BatchReport, report: BatchReport) -> None:
-    total.claimed += report.claimed
-    total.published += report.published
-    total.failed += report.failed
-    total.dead += report.dead

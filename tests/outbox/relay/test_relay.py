@@ -19,6 +19,7 @@ from outbox.models import OutboxEvent, OutboxStatus
 from outbox.relay import Relay
 from outbox.services import outbox_purge_published, outbox_requeue
 from outbox.streams import stream_name
+from tests import crashing_relay
 from tests.helpers import (
     PrivateNats,
     PrivateRedis,
@@ -75,8 +76,10 @@ def test_relay_killed_between_publish_and_mark_republishes_into_dedup_and_each_e
     for n in range(30):
         ticket = ticket_create(title=f"T{n}", price="1", user_id="u")
         ticket_update(ticket_id=ticket.id, expected_version=0, price="2")
-    env = subprocess_env(OUTBOX_FAULT_INJECTION="crash-after-publish", OUTBOX_LEASE_SECONDS="1")
-    crashed = manage("outbox_relay", "--drain", "--quiet", env=env, log=logs / "crash.log")
+    env = subprocess_env(OUTBOX_LEASE_SECONDS="1")
+    crashed = crashing_relay.start(
+        "after-publish", "outbox_relay", "--drain", "--quiet", env=env, log=logs / "crash.log"
+    )
     assert crashed.wait(120) == -9, "the relay should have been SIGKILLed by the fault hook"
     # It published (the stream has messages) but marked nothing.
     assert OutboxEvent.objects.filter(status="published").count() == 0

@@ -20,23 +20,19 @@ import pytest
 from django.db import connection, transaction
 from django.utils import timezone
 
-from outbox import relay as relay_module
 from outbox.conf import outbox_settings
 from outbox.models import OutboxEvent
-from outbox.relay import (
-    LOCK_CLASS,
-    PARTITIONS,
-    PublishResult,
-    Relay,
-    _contiguous,
-    _cursor,
-    _Partitions,
-    claim_batch,
-    mark_results,
-)
+from outbox.relay import PublishResult, Relay
+from outbox.relay.chains import publish_rows
+from outbox.relay.database import LOCK_CLASS, cursor
+from outbox.relay.leases import claim_leased_batch, contiguous_rows
+from outbox.relay.marks import mark_results
+from outbox.relay.partitions import CLAIM_SQL, PARTITIONS, Partitions, claim_from_partitions
+from outbox.relay.transport import JetStreamPublisher
 from outbox.streams import stream_name
+from tests import crashing_relay
 from tests.helpers import insert_ticket_events, manage, read_stream_fast, subprocess_env, wait_for
-from tests.outbox.test_relay import assert_stream_matches_outbox
+from tests.outbox.relay.test_relay import assert_stream_matches_outbox
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -49,8 +45,8 @@ def conf(**changes):
 
 def claim(limit: int = 500, inflight: str = "") -> list:
     """One claim over all partitions, as a relay holding them all would run it."""
-    with _cursor() as cur:
-        return relay_module._claim_owned(cur, limit=limit, window=None, inflight=inflight, partitions=None)
+    with cursor() as cur:
+        return claim_from_partitions(cur, limit=limit, window=None, inflight=inflight, partitions=None)
 
 
 def advisory_locks(*, other_than_us: bool = False) -> int:
@@ -77,10 +73,10 @@ def versions_in_stream(messages: list[dict]) -> dict[str, list[int]]:
 def test_two_relays_split_the_partitions_and_never_hold_the_same_one():
     from django.db import connections
 
-    first, second = _Partitions(outbox_settings()), _Partitions(outbox_settings())
-    with _cursor() as cur:
+    first, second = Partitions(outbox_settings()), Partitions(outbox_settings())
+    with cursor() as cur:
         first.join(cur)
-    assert first.owned == set(range(PARTITIONS)), "a relay alone takes every partition"
+    assert first.held == set(range(PARTITIONS)), "a relay alone takes every partition"
     # The second relay runs on its own session (another thread's connection).
     other = connections.create_connection("default")
     try:
@@ -89,17 +85,17 @@ def test_two_relays_split_the_partitions_and_never_hold_the_same_one():
         other.ensure_connection()
         with psycopg.Cursor(other.connection) as cur2:
             second.join(cur2)
-            assert second.owned == set(), "all partitions are taken: the newcomer waits"
-            with _cursor() as cur:
+            assert second.held == set(), "all partitions are taken: the newcomer waits"
+            with cursor() as cur:
                 first.rebalance(cur, busy={0, 1})
-            assert len(first.owned) == PARTITIONS // 2 and {0, 1} <= first.owned, "busy partitions are kept"
+            assert len(first.held) == PARTITIONS // 2 and {0, 1} <= first.held, "busy partitions are kept"
             second.rebalance(cur2, busy=set())
-            assert len(second.owned) == PARTITIONS // 2
-            assert not first.owned & second.owned
+            assert len(second.held) == PARTITIONS // 2
+            assert not first.held & second.held
             second.leave(cur2)
-        with _cursor() as cur:
+        with cursor() as cur:
             first.rebalance(cur, busy=set(), greedy=True)
-            assert first.owned == set(range(PARTITIONS))
+            assert first.held == set(range(PARTITIONS))
             first.leave(cur)
     finally:
         other.close()
@@ -108,8 +104,8 @@ def test_two_relays_split_the_partitions_and_never_hold_the_same_one():
 
 def test_a_relay_killed_after_its_claim_releases_its_partitions_at_once_and_another_publishes_everything(logs):
     total = insert_ticket_events(aggregates=40, per_aggregate=5)
-    env = subprocess_env(OUTBOX_FAULT_INJECTION="crash-after-claim", OUTBOX_LEASE_SECONDS="600")
-    crashed = manage("outbox_relay", "--drain", "--quiet", env=env, log=logs / "crash.log")
+    env = subprocess_env(OUTBOX_LEASE_SECONDS="600")
+    crashed = crashing_relay.start("after-claim", "outbox_relay", "--drain", "--quiet", env=env, log=logs / "crash.log")
     assert crashed.wait(120) == -signal.SIGKILL
     # Its session ended with the process: no partition stays locked, although the lease setting is 10 min.
     wait_for(lambda: advisory_locks() == 0, timeout=30, what="the killed relay's locks to go")
@@ -125,16 +121,16 @@ def test_a_mark_is_refused_once_the_session_that_held_the_partitions_has_ended()
     insert_ticket_events(aggregates=3, per_aggregate=1)
     rows = claim()
     result = PublishResult(published=[(r, TICKETS, n + 1) for n, r in enumerate(rows)])
-    parts = _Partitions(outbox_settings())
-    with _cursor() as cur:
+    parts = Partitions(outbox_settings())
+    with cursor() as cur:
         parts.join(cur)
-        live = parts.token
+        live = parts.owner
         parts.leave(cur)
     pid, started = live.split("@", 1)
     gone = f"{int(pid) + 1_000_000}@{started}"
-    mark_results(result, owner=gone, conf=outbox_settings(), owned=True)
+    mark_results(result, owner=gone, conf=outbox_settings(), by_partitions=True)
     assert OutboxEvent.objects.filter(status="published").count() == 0, "a dead owner's mark must not land"
-    mark_results(result, owner=live, conf=outbox_settings(), owned=True)
+    mark_results(result, owner=live, conf=outbox_settings(), by_partitions=True)
     assert OutboxEvent.objects.filter(status="published").count() == 3
 
 
@@ -171,10 +167,10 @@ def test_a_chain_in_a_later_batch_waits_for_the_earlier_batch_and_is_skipped_whe
     relay.ensure_streams()
 
     async def two_batches(nc):
-        publisher = await relay_module.JetStreamPublisher.for_client(nc)
+        publisher = await JetStreamPublisher.for_client(nc)
         return await asyncio.gather(
-            relay_module.publish_rows(publisher, [x0, y0], timeout=5),
-            relay_module.publish_rows(publisher, [x1, y1], timeout=5),
+            publish_rows(publisher, [x0, y0], timeout=5),
+            publish_rows(publisher, [x1, y1], timeout=5),
         )
 
     first, second = relay.broker.result(relay.broker.submit_client(two_batches), timeout=30)
@@ -193,8 +189,8 @@ def test_a_chain_that_follows_rows_the_publisher_knows_nothing_about_does_not_go
     relay.ensure_streams()
 
     async def orphan(nc):
-        publisher = await relay_module.JetStreamPublisher.for_client(nc)
-        return await relay_module.publish_rows(publisher, [x1], timeout=5)
+        publisher = await JetStreamPublisher.for_client(nc)
+        return await publish_rows(publisher, [x1], timeout=5)
 
     result = relay.broker.result(relay.broker.submit_client(orphan), timeout=30)
     assert not result.published and [r.id for r in result.skipped] == [x1.id]
@@ -210,8 +206,8 @@ def test_a_chain_behind_a_batch_that_never_reached_the_publisher_does_not_go_on_
 
     def publish(rows):
         async def run(nc):
-            publisher = await relay_module.JetStreamPublisher.for_client(nc)
-            return await relay_module.publish_rows(publisher, rows, timeout=5)
+            publisher = await JetStreamPublisher.for_client(nc)
+            return await publish_rows(publisher, rows, timeout=5)
 
         return relay.broker.result(relay.broker.submit_client(run), timeout=30)
 
@@ -252,9 +248,9 @@ def test_the_claim_reads_the_window_not_the_published_history():
     """The buffers a claim touches do not grow with the published history, and nothing scans the table."""
 
     def claim_plan() -> tuple[int, str]:
-        sql = relay_module._OWNED_CLAIM.format(partitions="", window="LIMIT %(window)s")
+        sql = CLAIM_SQL.format(partitions="", window="LIMIT %(window)s")
         params = {"now": timezone.now(), "inflight": "", "limit": 500, "window": 1000, "partitions": None}
-        with _cursor() as cur:
+        with cursor() as cur:
             cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, params)
             plan = cur.fetchone()[0][0]["Plan"]
         return plan["Shared Hit Blocks"] + plan["Shared Read Blocks"], json.dumps(plan)
@@ -362,10 +358,10 @@ def test_lease_mode_drains_in_version_order_and_leaves_no_lease_behind():
 
 def test_lease_mode_claims_lease_rows_and_a_second_claim_skips_their_aggregates():
     insert_ticket_events(aggregates=4, per_aggregate=3)
-    first = claim_batch(limit=3, lease_seconds=30, owner="first")
+    first = claim_leased_batch(limit=3, lease_seconds=30, owner="first")
     assert len({r.aggregate_id for r in first}) == 3
     assert OutboxEvent.objects.filter(lease_owner="first").count() == 3
-    second = claim_batch(limit=100, lease_seconds=30, owner="second")
+    second = claim_leased_batch(limit=100, lease_seconds=30, owner="second")
     assert len({r.aggregate_id for r in second}) == 1
     assert {r.aggregate_id for r in first}.isdisjoint({r.aggregate_id for r in second})
     assert [r.aggregate_version for r in second] == [0, 1, 2]
@@ -375,7 +371,7 @@ def test_lease_mode_drops_rows_after_a_hole_in_their_chain():
     rows = {f"r{n}": object() for n in range(4)}
     chosen = [("r0", ("t", "a")), ("r1", ("t", "a")), ("r2", ("t", "a")), ("r3", ("t", "b"))]
     leased = {"r0": rows["r0"], "r2": rows["r2"], "r3": rows["r3"]}  # r1 changed under the claim
-    kept, released = _contiguous(chosen, leased)
+    kept, released = contiguous_rows(chosen, leased)
     assert kept == [rows["r0"], rows["r3"]]
     assert released == ["r2"]
 
@@ -411,7 +407,7 @@ def session_pids(relay: Relay) -> list[int]:
             cur.execute("SELECT pg_backend_pid()")
             return cur.fetchone()[0]
 
-    return [session.submit(pid).result(timeout=30) for session in relay._sessions]
+    return [session.submit(pid).result(timeout=30) for session in relay.sessions]
 
 
 def test_a_relay_keeps_its_worker_sessions_between_drains_and_replaces_one_the_server_terminated():
@@ -433,7 +429,7 @@ def test_a_relay_keeps_its_worker_sessions_between_drains_and_replaces_one_the_s
     replaced = session_pids(relay)
     assert replaced[0] != first[0] and replaced[1] == first[1]
     relay.close_sessions()
-    assert relay._sessions == []
+    assert relay.sessions == []
 
 
 def all_backend_pids() -> set[int]:

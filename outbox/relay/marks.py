@@ -1,0 +1,155 @@
+"""Marking results: write a batch's outcome back to its rows, every write fenced so that a relay
+that lost its rows cannot overwrite them.
+
+Published rows get their stream and stream sequence; failed rows get an attempt, the error and a
+backoff, or become dead (after ``MAX_ATTEMPTS``, or a permanent refusal). On PostgreSQL one
+``UPDATE ... FROM unnest(...)`` per outcome, committed without waiting for the WAL flush.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from contextlib import nullcontext
+from datetime import timedelta
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from outbox.conf import OutboxSettings
+from outbox.relay.database import TABLE, cursor, db_datetime, db_id, is_postgres, placeholders
+from outbox.relay.rows import PublishResult
+
+logger = logging.getLogger("outbox.relay")
+
+#: Marks and leases commit without waiting for the WAL flush (``synchronous_commit = off`` for
+#: that transaction only). A mark lost in a database crash leaves its rows pending: they are
+#: published again and JetStream's dedup window absorbs the copies, exactly as after a relay
+#: crash between publish and mark (docs/relay.md, "Every event in the stream exactly once").
+ASYNC_COMMIT = "(SELECT set_config('synchronous_commit', 'off', true)) AS async_commit"
+
+
+def backoff_seconds(attempt: int, conf: OutboxSettings) -> float:
+    """Exponential backoff with full jitter in the upper half, capped."""
+    ceiling = min(conf.BACKOFF_MAX, conf.BACKOFF_BASE * (2 ** max(attempt - 1, 0)))
+    return ceiling / 2 + random.random() * ceiling / 2  # noqa: S311 - jitter, not crypto
+
+
+def mark_results(
+    result: PublishResult, *, owner: str, conf: OutboxSettings, by_partitions: bool = False
+) -> tuple[int, int]:
+    """Write the outcome of a batch; returns (failed, dead).
+
+    ``by_partitions=False``: ``owner`` is the rows' lease owner, and every write checks it.
+    ``by_partitions=True``: ``owner`` names the database session that holds the
+    partitions ("pid@backend_start"), and every write checks that it is still alive: if it
+    ended, its partitions may belong to another relay by now. Any session may run the mark.
+    """
+    postgres = is_postgres()
+    now = timezone.now()
+    failures = []
+    dead = 0
+    for row, error, permanent in result.failed:
+        attempt = row.attempts + 1
+        is_dead = permanent or attempt >= conf.MAX_ATTEMPTS
+        dead += int(is_dead)
+        next_at = now + timedelta(seconds=backoff_seconds(attempt, conf))
+        failures.append((row, "dead" if is_dead else "pending", error[:2000], next_at))
+        log = logger.error if is_dead else logger.warning
+        log(
+            "outbox.%s event_id=%s subject=%s aggregate=%s:%s attempt=%d error=%s",
+            "dead" if is_dead else "retry",
+            row.id,
+            row.subject,
+            row.aggregate_type,
+            row.aggregate_id,
+            attempt,
+            error,
+        )
+    release = [] if by_partitions else result.skipped
+    statements = bool(result.published) + bool(failures) + bool(release)
+    if not statements:
+        return 0, 0
+    # Not inside a caller's transaction: its commit is not ours to make asynchronous.
+    async_commit = ASYNC_COMMIT + ", " if postgres and not connection.in_atomic_block else ""
+    fence = (
+        "o.status = 'pending' AND EXISTS (SELECT 1 FROM pg_stat_activity a "
+        "WHERE a.pid = split_part(%(owner)s, '@', 1)::int "
+        "AND a.backend_start = split_part(%(owner)s, '@', 2)::timestamptz)"
+        if by_partitions
+        else "o.lease_owner = %(owner)s"
+    )
+    with transaction.atomic() if statements > 1 else nullcontext(), cursor() as cur:
+        if result.published and postgres:
+            streams = {st for _, st, _ in result.published}
+            cur.execute(
+                f"""
+                UPDATE {TABLE} AS o SET status = 'published', published_at = %(now)s, stream = v.stream,
+                    stream_sequence = v.sseq, lease_until = NULL, lease_owner = '',
+                    attempts = o.attempts + 1, last_error = ''
+                FROM {async_commit}
+                     (SELECT unnest(string_to_array(%(ids)s, ',')::uuid[]) AS id,
+                             unnest(string_to_array(%(sseqs)s, ',')::bigint[]) AS sseq,
+                             {"%(stream)s::text" if len(streams) == 1 else "unnest(string_to_array(%(streams)s, ' '))"}
+                             AS stream) AS v
+                WHERE o.id = v.id AND {fence}
+                """,  # noqa: S608
+                {
+                    "now": now,
+                    "ids": ",".join([r.id for r, _, _ in result.published]),
+                    "sseqs": ",".join([str(s) for _, _, s in result.published]),
+                    "stream": next(iter(streams)),
+                    "streams": " ".join([st for _, st, _ in result.published]),
+                    "owner": owner,
+                },
+            )
+            if cur.rowcount != len(result.published):
+                logger.warning(
+                    "outbox.fenced marked=%d of %d published: the rows were taken over by another relay",
+                    cur.rowcount,
+                    len(result.published),
+                )
+        elif result.published:
+            cur.executemany(
+                f"""
+                UPDATE {TABLE} SET status = 'published', published_at = %s, stream = %s,
+                    stream_sequence = %s, lease_until = NULL, lease_owner = '',
+                    attempts = attempts + 1, last_error = ''
+                WHERE id = %s AND lease_owner = %s
+                """,  # noqa: S608
+                [(db_datetime(now), st, s, db_id(r.id), owner) for r, st, s in result.published],
+            )
+        if failures and postgres:
+            cur.execute(
+                f"""
+                UPDATE {TABLE} AS o SET status = v.status, attempts = o.attempts + 1, last_error = v.error,
+                    next_attempt_at = v.next_at, lease_until = NULL, lease_owner = ''
+                FROM {async_commit} (SELECT unnest(%(ids)s::uuid[]) AS id, unnest(%(statuses)s::text[]) AS status,
+                             unnest(%(errors)s::text[]) AS error, unnest(%(next)s::timestamptz[]) AS next_at) AS v
+                WHERE o.id = v.id AND {fence}
+                """,  # noqa: S608
+                {
+                    "ids": [f[0].id for f in failures],
+                    "statuses": [f[1] for f in failures],
+                    "errors": [f[2] for f in failures],
+                    "next": [f[3] for f in failures],
+                    "owner": owner,
+                },
+            )
+        elif failures:
+            cur.executemany(
+                f"""
+                UPDATE {TABLE} SET status = %s, attempts = attempts + 1, last_error = %s,
+                    next_attempt_at = %s, lease_until = NULL, lease_owner = ''
+                WHERE id = %s AND lease_owner = %s
+                """,  # noqa: S608
+                [(f[1], f[2], db_datetime(f[3]), db_id(f[0].id), owner) for f in failures],
+            )
+        if release:
+            keys = [db_id(r.id) for r in release]
+            cur.execute(
+                f"UPDATE {TABLE} SET lease_until = NULL, lease_owner = '' "  # noqa: S608
+                f"WHERE lease_owner = %s AND id IN ({placeholders(len(keys))})",
+                [owner, *keys],
+            )
+    return len(result.failed), dead
