@@ -44,14 +44,16 @@ class Decision:
 
 
 def event_id_of(delivery: Delivery) -> str:
-    """The inbox key: the event id the producer put in ``Nats-Msg-Id`` (the relay: the outbox row's UUID).
+    """The inbox key: the event id the producer put in ``event-id`` or ``Nats-Msg-Id`` (the relay: the
+    outbox row's UUID).
 
-    The relay sets ``Nats-Msg-Id`` and ``event-id`` to the same UUID; ``event-id`` is
-    the fallback for a producer that sets only that one. An id that does not fit the
+    The relay's ``Nats-Msg-Id`` is the event id, except for an event ``outbox_reconcile`` sent back
+    after the stream lost it: that copy's ``Nats-Msg-Id`` is ``<id>:r<n>`` and its ``event-id`` the
+    plain id, which therefore comes first. An id that does not fit the
     inbox column (too long, or with characters PostgreSQL refuses) is replaced by a
     UUID derived from it, so two different ids never collide by truncation.
     """
-    event_id = delivery.headers.get("Nats-Msg-Id") or delivery.headers.get("event-id")
+    event_id = delivery.headers.get("event-id") or delivery.headers.get("Nats-Msg-Id")
     if event_id:
         if len(event_id) <= EVENT_ID_MAX and "\x00" not in event_id:
             return event_id

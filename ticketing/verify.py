@@ -98,6 +98,11 @@ async def _read_stream(stream: str) -> list[tuple[int, str, dict[str, str], byte
         await nc.close()
 
 
+def _event_id(headers: dict[str, str]) -> str:
+    """The event a message carries: ``event-id`` on a republished copy, else ``Nats-Msg-Id``."""
+    return headers.get("event-id") or headers.get("Nats-Msg-Id", "")
+
+
 def verify(*, allow_stream_duplicates: bool = False, consumer: str | None = None) -> Report:
     report = Report()
     rows = list(
@@ -128,7 +133,11 @@ def verify(*, allow_stream_duplicates: bool = False, consumer: str | None = None
     # 3. The stream: each event once, per-aggregate version order.
     messages = asyncio.run(_read_stream(stream_name("TICKETS")))
     report.counts["stream_messages"] = len(messages)
-    copies = Counter(m[2].get("Nats-Msg-Id", "") for m in messages)
+    copies = Counter(_event_id(m[2]) for m in messages)
+    # A copy outbox_reconcile republished after the stream lost the original sits after later
+    # versions by design: order is the listeners' to restore (the version rule), not the stream's.
+    repaired = {_event_id(m[2]) for m in messages if _event_id(m[2]) != m[2].get("Nats-Msg-Id", "")}
+    report.counts["stream_repaired"] = len(repaired)
     for event_id, n in copies.items():
         if n > 1 and not allow_stream_duplicates:
             report.breach("stream_duplicate", f"event {event_id} stored {n} times")
@@ -141,8 +150,8 @@ def verify(*, allow_stream_duplicates: bool = False, consumer: str | None = None
     first_seen: set[str] = set()
     stream_versions: dict[str, list[tuple[int, int, str]]] = defaultdict(list)  # (version, stream seq, event id)
     for seq, _name, headers, data in messages:
-        event_id = headers.get("Nats-Msg-Id", "")
-        if event_id in first_seen:
+        event_id = _event_id(headers)
+        if event_id in first_seen or event_id in repaired:
             continue
         first_seen.add(event_id)
         body = json.loads(data)

@@ -2,7 +2,11 @@
 and the verdict that it can never be sent as it is (:class:`PublishRejected`).
 
 Headers: the event's own (correlation, causation), then ``Nats-Msg-Id`` (the event id, which
-JetStream deduplicates on), ``aggregate-type``, ``aggregate-id``, ``aggregate-version``.
+JetStream deduplicates on), ``aggregate-type``, ``aggregate-id``, ``aggregate-version``. A row
+that ``outbox_reconcile`` sent back carries ``event-id`` and ``republish`` in its headers: its
+``Nats-Msg-Id`` is then ``<event id>:r<n>``, so the stream's duplicate window, which may still
+remember the plain id of the message it lost, cannot swallow the copy; listeners key their inbox
+by ``event-id`` first.
 """
 
 from __future__ import annotations
@@ -44,6 +48,16 @@ def _clean(value: Any) -> str:
     return value.translate(_NEWLINES).strip()
 
 
+#: The header ``outbox_republish`` adds to a row it sends back, with the republish count.
+REPUBLISH_HEADER = "republish"
+
+
+def message_id(row: ClaimedRow) -> str:
+    """``Nats-Msg-Id``: the event id, or ``<event id>:r<n>`` for the n-th republish."""
+    republish = row.headers.get(REPUBLISH_HEADER) if row.headers else None
+    return f"{row.id}:r{_clean(republish)}" if republish else row.id
+
+
 def header_block(row: ClaimedRow) -> bytes:
     """The message's ``NATS/1.0`` header block (what the wire path frames). nats-py's rules: names
     are tokens (PublishRejected otherwise), values lose CR/LF and surrounding blanks."""
@@ -61,7 +75,7 @@ def header_block(row: ClaimedRow) -> bytes:
         extra = "".join(parts)
     version = "" if row.aggregate_version is None else f"aggregate-version: {row.aggregate_version}\r\n"
     return (
-        f"NATS/1.0\r\n{extra}Nats-Msg-Id: {row.id}\r\naggregate-type: {_clean(row.aggregate_type)}\r\n"
+        f"NATS/1.0\r\n{extra}Nats-Msg-Id: {message_id(row)}\r\naggregate-type: {_clean(row.aggregate_type)}\r\n"
         f"aggregate-id: {_clean(row.aggregate_id)}\r\n{version}\r\n"
     ).encode()
 
@@ -69,7 +83,7 @@ def header_block(row: ClaimedRow) -> bytes:
 def message_headers(row: ClaimedRow) -> dict[str, str]:
     """The same headers as a dict, for nats-py's public ``Client.publish`` (which frames them itself)."""
     headers = dict(row.headers)
-    headers["Nats-Msg-Id"] = row.id
+    headers["Nats-Msg-Id"] = message_id(row)
     headers["aggregate-type"] = row.aggregate_type
     headers["aggregate-id"] = row.aggregate_id
     if row.aggregate_version is not None:
