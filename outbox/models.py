@@ -39,6 +39,9 @@ class OutboxEvent(models.Model):
     lease_until = models.DateTimeField(null=True, blank=True)
     lease_owner = models.CharField(max_length=100, blank=True, default="")
     last_error = models.TextField(blank=True, default="")
+    #: When the publish failures of this pending row began (cleared when it is published or requeued):
+    #: how long the relay has been failing, in ``outbox_status`` and the dashboard.
+    failing_since = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(db_default=Now())
     published_at = models.DateTimeField(null=True, blank=True)
     stream = models.CharField(max_length=100, blank=True, default="")

@@ -27,6 +27,7 @@ def outbox_requeue(*, event_ids: Iterable[UUID | str]) -> int:
             next_attempt_at=Now(),
             lease_until=None,
             lease_owner="",
+            failing_since=None,
         )
         if count:
             transaction.on_commit(_kick, robust=True)

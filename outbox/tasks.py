@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from celery import Task, shared_task
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready
 from django.db import close_old_connections
 
 from outbox.conf import outbox_settings
@@ -108,6 +108,34 @@ def purge() -> int:
         return outbox_purge_published()
     finally:
         close_old_connections()
+
+
+#: The one pool a relay worker runs in: the relay keeps per-process state (its NATS connection on
+#: a private event-loop thread, its partitions, its worker sessions) that threads, greenlets and
+#: forked children would share or inherit.
+SAFE_POOL = "solo"
+
+
+def unsafe_pool(pool: object, queues: set[str], queue: str) -> str | None:
+    """The sentence refusing this worker, or None when it may run the relay."""
+    kind = pool if isinstance(pool, str) else str(getattr(pool, "__module__", pool)).rsplit(".", 1)[-1]
+    if queue not in queues or kind == SAFE_POOL:
+        return None
+    return (
+        f"outbox: the relay's queue {queue!r} needs --pool={SAFE_POOL} (this worker uses {kind!r}, whose "
+        "threads or processes would share one relay's state); run a separate solo worker for it"
+    )
+
+
+@worker_init.connect
+def _refuse_an_unsafe_pool(sender=None, **_: object) -> None:
+    """A worker that consumes the relay's queue with a pool other than solo refuses to start."""
+    if sender is None:
+        return
+    queues = set(sender.app.amqp.queues.consume_from or sender.app.amqp.queues)
+    problem = unsafe_pool(sender.pool_cls, queues, outbox_settings().CELERY_QUEUE)
+    if problem:
+        raise SystemExit(problem)
 
 
 @worker_process_init.connect

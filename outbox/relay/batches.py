@@ -26,6 +26,7 @@ from outbox.errors import OutboxError, PublishError
 from outbox.relay import hooks
 from outbox.relay.chains import publish_rows
 from outbox.relay.database import cursor, is_postgres
+from outbox.relay.failures import transient
 from outbox.relay.leases import claim_leased_batch
 from outbox.relay.marks import mark_results
 from outbox.relay.messages import Subjects
@@ -197,7 +198,7 @@ class BatchSteps:
         heads = [chain[0] for chain in chains_of(batch.rows).values()]
         head_ids = {r.id for r in heads}
         return PublishResult(
-            failed=[(r, str(error) or type(error).__name__, False) for r in heads],
+            failed=[(r, transient(str(error) or type(error).__name__)) for r in heads],
             skipped=[r for r in batch.rows if r.id not in head_ids],
         )
 

@@ -16,6 +16,7 @@ from collections import deque
 from functools import partial
 
 from outbox.errors import PublishError, UnknownSubjectError
+from outbox.relay.failures import Failure, permanent, transient
 from outbox.relay.messages import PublishRejected, Subjects, header_block, message_headers
 from outbox.relay.rows import AggregateKey, ClaimedRow, PublishResult
 from outbox.relay.transport import JetStreamPublisher
@@ -110,11 +111,11 @@ async def publish_rows(
             result.skipped.extend(rest)
         finish(key, False)
 
-    def fail(row: ClaimedRow, error: str, permanent: bool = False) -> None:
-        result.failed.append((row, error, permanent))
+    def fail(row: ClaimedRow, failure: Failure) -> None:
+        result.failed.append((row, failure))
         skip((row.aggregate_type, row.aggregate_id))
 
-    def answered(row: ClaimedRow, stream: str, seq: int, error: str | None) -> None:
+    def answered(row: ClaimedRow, stream: str, seq: int, error: Failure | None) -> None:
         if outstanding.pop(row.id, None) is None:
             return  # timed out already
         if error is None:
@@ -183,13 +184,13 @@ async def publish_rows(
                         else:
                             await publisher.send(subject, reply, row.body, message_headers(row))
                     except (PublishRejected, UnknownSubjectError) as exc:
-                        fail(row, str(exc), True)
+                        fail(row, permanent(str(exc)))
                         continue
                     except Exception as exc:  # noqa: BLE001 - connection-level failure: the row is retried
                         if reply:
                             publisher.forget(reply)
                             outstanding.pop(row.id, None)
-                        fail(row, f"{type(exc).__name__}: {exc}")
+                        fail(row, transient(f"{type(exc).__name__}: {exc}"))
                         continue
                     sent.append((now, row))
                 try:
@@ -200,7 +201,7 @@ async def publish_rows(
                     unanswered = [r for _, r in sent if r.id in outstanding]
                     outstanding.clear()
                     for row in unanswered:
-                        fail(row, f"{type(exc).__name__}: {exc}")
+                        fail(row, transient(f"{type(exc).__name__}: {exc}"))
             if not outstanding:
                 if ready:
                     continue
@@ -225,7 +226,7 @@ async def publish_rows(
                 reply = outstanding.pop(row.id, None)
                 if reply is not None:
                     publisher.forget(reply)
-                    fail(row, f"no PubAck within {timeout:.1f}s")
+                    fail(row, transient(f"no PubAck within {timeout:.1f}s"))
     finally:
         # Normally every chain is finished by now; when cancelled, the chains behind ours must not wait.
         for key in list(finishing):

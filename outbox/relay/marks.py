@@ -1,9 +1,12 @@
 """Marking results: write a batch's outcome back to its rows, every write fenced so that a relay
 that lost its rows cannot overwrite them.
 
-Published rows get their stream and stream sequence; failed rows get an attempt, the error and a
-backoff, or become dead (after ``MAX_ATTEMPTS``, or a permanent refusal). On PostgreSQL one
-``UPDATE ... FROM unnest(...)`` per outcome, committed without waiting for the WAL flush.
+Published rows get their stream and stream sequence; failed rows get an attempt, the error, the
+time the failures began and a backoff — or become dead: at once for a permanent refusal, after
+``MAX_ATTEMPTS`` for an unknown one, never for a transient one (outbox/relay/failures.py). A
+failure mark writes the attempt count the claim saw plus one, not ``attempts + 1``: retried after
+an unknown outcome, it writes the same. On PostgreSQL one ``UPDATE ... FROM unnest(...)`` per
+outcome, committed without waiting for the WAL flush.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from django.utils import timezone
 
 from outbox.conf import OutboxSettings
 from outbox.relay.database import TABLE, cursor, db_datetime, db_id, is_postgres, placeholders
+from outbox.relay.failures import PERMANENT, UNKNOWN
 from outbox.relay.rows import PublishResult
 
 logger = logging.getLogger("outbox.relay")
@@ -49,21 +53,22 @@ def mark_results(
     now = timezone.now()
     failures = []
     dead = 0
-    for row, error, permanent in result.failed:
-        attempt = row.attempts + 1
-        is_dead = permanent or attempt >= conf.MAX_ATTEMPTS
+    for row, failure in result.failed:
+        attempt, error = row.attempts + 1, failure.reason
+        is_dead = failure.kind == PERMANENT or (failure.kind == UNKNOWN and attempt >= conf.MAX_ATTEMPTS)
         dead += int(is_dead)
         next_at = now + timedelta(seconds=backoff_seconds(attempt, conf))
-        failures.append((row, "dead" if is_dead else "pending", error[:2000], next_at))
+        failures.append((row, "dead" if is_dead else "pending", error[:2000], next_at, attempt))
         log = logger.error if is_dead else logger.warning
         log(
-            "outbox.%s event_id=%s subject=%s aggregate=%s:%s attempt=%d error=%s",
+            "outbox.%s event_id=%s subject=%s aggregate=%s:%s attempt=%d kind=%s error=%s",
             "dead" if is_dead else "retry",
             row.id,
             row.subject,
             row.aggregate_type,
             row.aggregate_id,
             attempt,
+            failure.kind,
             error,
         )
     release = [] if by_partitions else result.skipped
@@ -86,7 +91,7 @@ def mark_results(
                 f"""
                 UPDATE {TABLE} AS o SET status = 'published', published_at = %(now)s, stream = v.stream,
                     stream_sequence = v.sseq, lease_until = NULL, lease_owner = '',
-                    attempts = o.attempts + 1, last_error = ''
+                    attempts = o.attempts + 1, last_error = '', failing_since = NULL
                 FROM {async_commit}
                      (SELECT unnest(string_to_array(%(ids)s, ',')::uuid[]) AS id,
                              unnest(string_to_array(%(sseqs)s, ',')::bigint[]) AS sseq,
@@ -114,7 +119,7 @@ def mark_results(
                 f"""
                 UPDATE {TABLE} SET status = 'published', published_at = %s, stream = %s,
                     stream_sequence = %s, lease_until = NULL, lease_owner = '',
-                    attempts = attempts + 1, last_error = ''
+                    attempts = attempts + 1, last_error = '', failing_since = NULL
                 WHERE id = %s AND lease_owner = %s
                 """,  # noqa: S608
                 [(db_datetime(now), st, s, db_id(r.id), owner) for r, st, s in result.published],
@@ -122,10 +127,12 @@ def mark_results(
         if failures and postgres:
             cur.execute(
                 f"""
-                UPDATE {TABLE} AS o SET status = v.status, attempts = o.attempts + 1, last_error = v.error,
-                    next_attempt_at = v.next_at, lease_until = NULL, lease_owner = ''
+                UPDATE {TABLE} AS o SET status = v.status, attempts = v.attempts, last_error = v.error,
+                    next_attempt_at = v.next_at, lease_until = NULL, lease_owner = '',
+                    failing_since = COALESCE(o.failing_since, %(now)s)
                 FROM {async_commit} (SELECT unnest(%(ids)s::uuid[]) AS id, unnest(%(statuses)s::text[]) AS status,
-                             unnest(%(errors)s::text[]) AS error, unnest(%(next)s::timestamptz[]) AS next_at) AS v
+                             unnest(%(errors)s::text[]) AS error, unnest(%(next)s::timestamptz[]) AS next_at,
+                             unnest(%(attempts)s::int[]) AS attempts) AS v
                 WHERE o.id = v.id AND {fence}
                 """,  # noqa: S608
                 {
@@ -133,17 +140,20 @@ def mark_results(
                     "statuses": [f[1] for f in failures],
                     "errors": [f[2] for f in failures],
                     "next": [f[3] for f in failures],
+                    "attempts": [f[4] for f in failures],
+                    "now": now,
                     "owner": owner,
                 },
             )
         elif failures:
             cur.executemany(
                 f"""
-                UPDATE {TABLE} SET status = %s, attempts = attempts + 1, last_error = %s,
-                    next_attempt_at = %s, lease_until = NULL, lease_owner = ''
+                UPDATE {TABLE} SET status = %s, attempts = %s, last_error = %s,
+                    next_attempt_at = %s, lease_until = NULL, lease_owner = '',
+                    failing_since = COALESCE(failing_since, %s)
                 WHERE id = %s AND lease_owner = %s
                 """,  # noqa: S608
-                [(f[1], f[2], db_datetime(f[3]), db_id(f[0].id), owner) for f in failures],
+                [(f[1], f[4], f[2], db_datetime(f[3]), db_datetime(now), db_id(f[0].id), owner) for f in failures],
             )
         if release:
             keys = [db_id(r.id) for r in release]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from outbox.relay.failures import Failure
+
 #: One aggregate, as (aggregate_type, aggregate_id): the unit of ordering.
 AggregateKey = tuple[str, str]
 
@@ -32,8 +34,8 @@ class PublishResult:
 
     #: (row, stream, stream sequence) of each row the stream acknowledged.
     published: list[tuple[ClaimedRow, str, int]] = field(default_factory=list)
-    #: (row, error, permanent) of each row that was refused, timed out or could not be sent.
-    failed: list[tuple[ClaimedRow, str, bool]] = field(default_factory=list)
+    #: (row, failure) of each row that was refused, timed out or could not be sent.
+    failed: list[tuple[ClaimedRow, Failure]] = field(default_factory=list)
     #: Rows not attempted: their chain ended at an earlier failure, or could not start.
     skipped: list[ClaimedRow] = field(default_factory=list)
 

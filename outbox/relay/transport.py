@@ -38,6 +38,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from outbox.relay.failures import UNKNOWN, Failure, refusal, transient
 from outbox.relay.messages import PublishRejected
 
 logger = logging.getLogger("outbox.relay")
@@ -100,8 +101,8 @@ class _PubAck(msgspec.Struct):
 
 _decode_ack = msgspec.json.Decoder(_PubAck).decode
 
-#: Called as handler(tag, stream, stream sequence, None) for a PubAck, or (tag, "", 0, error) for a refusal.
-AckHandler = Callable[[Any, str, int, "str | None"], None]
+#: Called as handler(tag, stream, stream sequence, None) for a PubAck, or (tag, "", 0, failure) for a refusal.
+AckHandler = Callable[[Any, str, int, "Failure | None"], None]
 
 _warned: set[str] = set()
 
@@ -166,17 +167,19 @@ class JetStreamPublisher:
             return  # answered after it was given up on: the caller already counted it as failed
         handler, tag = waiting
         if not data:
-            reason = "no JetStream stream for this subject" if status == "503" else "empty PubAck"
-            handler(tag, "", 0, f"{reason} (status {status or '?'})")
+            # 503 no responders: JetStream is down, has no leader for the stream yet, or the stream is
+            # missing (the relay creates its streams before it publishes): all pass with time.
+            reason = "no JetStream responder for this subject" if status == "503" else "empty PubAck"
+            handler(tag, "", 0, transient(f"{reason} (status {status or '?'})"))
             return
         try:
             ack = _decode_ack(data)
         except msgspec.DecodeError:
-            handler(tag, "", 0, f"unreadable PubAck: {data[:200]!r}")
+            handler(tag, "", 0, Failure(f"unreadable PubAck: {data[:200]!r}", UNKNOWN))
             return
         if ack.error is not None:
-            code = ack.error.get("err_code") or ack.error.get("code")
-            handler(tag, "", 0, f"JetStream refused the message ({code}): {ack.error.get('description', '')}")
+            error = ack.error
+            handler(tag, "", 0, refusal(error.get("code"), error.get("err_code"), error.get("description", "")))
             return
         handler(tag, ack.stream, ack.seq, None)
 

@@ -56,3 +56,35 @@ def test_the_beat_helper_gives_the_sweep_and_the_purge_on_the_outbox_queue():
     assert {e["options"]["queue"] for e in entries.values()} == {"relays"}
     # The example project uses it with its own OUTBOX dict.
     assert beat_schedule(settings.OUTBOX) == settings.CELERY_BEAT_SCHEDULE
+
+
+def test_a_worker_of_the_relay_queue_with_a_pool_other_than_solo_refuses_with_one_line():
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, subprocess_env
+
+    queue = outbox_settings().CELERY_QUEUE
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "ticketing", "worker", "--pool=threads", "-Q", queue],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    refusal = [line for line in done.stderr.splitlines() if line.startswith("outbox:")]
+    assert refusal == [
+        f"outbox: the relay's queue {queue!r} needs --pool=solo (this worker uses 'thread', whose threads or "
+        "processes would share one relay's state); run a separate solo worker for it"
+    ]
+
+
+def test_only_workers_of_the_relay_queue_are_held_to_solo():
+    from outbox.tasks import unsafe_pool
+
+    assert unsafe_pool("solo", {"outbox"}, "outbox") is None
+    assert unsafe_pool("prefork", {"emails"}, "outbox") is None
+    assert "needs --pool=solo" in unsafe_pool("prefork", {"outbox", "emails"}, "outbox")
+    assert "'gevent'" in unsafe_pool("gevent", {"outbox"}, "outbox")

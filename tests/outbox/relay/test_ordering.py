@@ -284,7 +284,8 @@ def test_the_claim_reads_the_window_not_the_published_history():
 
 
 def test_a_refused_publish_cuts_its_chain_and_later_versions_wait_while_other_aggregates_go():
-    """JetStream refuses one message (over the stream's max_msg_size): its aggregate stops there."""
+    """JetStream refuses one message for good (over the stream's max_msg_size, err_code 10054): it is
+    dead at once, and its aggregate stops there while the others go."""
     insert_ticket_events(aggregates=3, per_aggregate=3, interleave=False)
     victim = OutboxEvent.objects.filter(aggregate_version=1).order_by("seq").first()
     payload = dict(victim.payload, title="x" * 2000)
@@ -305,7 +306,7 @@ def test_a_refused_publish_cuts_its_chain_and_later_versions_wait_while_other_ag
     report = relay.drain()
     assert report.published == 7 and report.failed == 1
     victim.refresh_from_db()
-    assert victim.status == "pending" and victim.attempts == 1 and victim.last_error
+    assert victim.status == "dead" and victim.attempts == 1 and "10054" in victim.last_error
     after = OutboxEvent.objects.get(aggregate_id=victim.aggregate_id, aggregate_version=2)
     assert after.status == "pending" and after.attempts == 0, "the version after a failure must not be tried"
     seen = versions_in_stream(read_stream_fast(TICKETS))

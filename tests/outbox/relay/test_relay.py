@@ -220,7 +220,8 @@ def test_celery_worker_publishes_on_commit_using_one_nats_connection_per_process
         server.kill()
 
 
-def test_max_attempts_makes_a_row_dead_and_requeue_publishes_it(tmp_path):
+def test_an_outage_longer_than_max_attempts_never_makes_a_row_dead(tmp_path):
+    """NATS away for many times MAX_ATTEMPTS: a transient failure backs off and retries, never dead."""
     server = PrivateNats(store=tmp_path / "nats")  # not started yet: NATS is down
     from django.conf import settings
     from django.test import override_settings
@@ -232,23 +233,46 @@ def test_max_attempts_makes_a_row_dead_and_requeue_publishes_it(tmp_path):
 
         def attempt() -> bool:
             relay.run_batch()
-            return OutboxEvent.objects.filter(status="dead").exists()
+            return OutboxEvent.objects.get().attempts >= 4 * conf.MAX_ATTEMPTS
 
-        wait_for(attempt, timeout=60, what="the row to become dead")
+        wait_for(attempt, timeout=120, what="many more failed attempts than MAX_ATTEMPTS")
         row = OutboxEvent.objects.get()
-        assert (row.status, row.attempts) == ("dead", 3)
-        assert "cannot connect to NATS" in row.last_error
-        assert relay.run_batch().claimed == 0  # dead rows are not retried
+        assert row.status == "pending" and "cannot connect to NATS" in row.last_error
+        assert row.failing_since is not None
 
         server.start()
         try:
-            assert outbox_requeue(event_ids=[row.id]) == 1
-            wait_for(lambda: relay.run_batch().published == 1, timeout=60, what="the requeued row published")
+            wait_for(lambda: relay.run_batch().published == 1, timeout=60, what="the row published after the outage")
             row.refresh_from_db()
-            assert row.status == "published" and row.stream_sequence == 1
+            assert row.status == "published" and row.stream_sequence == 1 and row.failing_since is None
         finally:
             relay.broker.close()
             server.kill()
+
+
+def test_max_attempts_makes_a_row_with_unknown_refusals_dead_and_requeue_publishes_it():
+    """A refusal the relay cannot classify (here: a stale Nats-Expected-Last-Sequence, err_code 10071)
+    is retried MAX_ATTEMPTS times, then the row is dead; requeued after a fix, it goes out."""
+    ticket = ticket_create(title="T", price="1", user_id="u")
+    row = OutboxEvent.objects.get()
+    OutboxEvent.objects.filter(pk=row.pk).update(headers={**row.headers, "Nats-Expected-Last-Sequence": "999"})
+    conf = OutboxSettings(MAX_ATTEMPTS=3, BACKOFF_BASE=0.01, BACKOFF_MAX=0.02)
+    relay = Relay(conf=conf)
+    wait_for(
+        lambda: relay.run_batch() and OutboxEvent.objects.filter(status="dead").exists(),
+        timeout=60,
+        what="the row to become dead",
+    )
+    row.refresh_from_db()
+    assert (row.status, row.attempts) == ("dead", 3)
+    assert "10071" in row.last_error
+    assert relay.run_batch().claimed == 0  # dead rows are not retried
+
+    OutboxEvent.objects.filter(pk=row.pk).update(headers={"correlation-id": str(row.pk)})
+    assert outbox_requeue(event_ids=[row.id]) == 1
+    wait_for(lambda: relay.run_batch().published == 1, timeout=60, what="the requeued row published")
+    row.refresh_from_db()
+    assert row.status == "published" and str(ticket.id) == row.aggregate_id
 
 
 def test_oversized_payload_goes_dead_without_blocking_other_aggregates():
