@@ -82,6 +82,7 @@ def operations_view(request: HttpRequest) -> HttpResponse:
         "behind_pending": BEHIND_PENDING,
         "stall_after_human": format_duration(STALL_AFTER),
         "oldest_pending_human": format_duration(snapshot["outbox"]["oldest_pending_age"]),
+        "failing_for_human": format_duration(snapshot["outbox"]["failing_for"]),
         "refresh": _refresh_seconds(request),
     }
     return TemplateResponse(request, "admin/outbox/operations.html", context)

@@ -24,6 +24,10 @@ class Backlog:
     published_last_minute: int = 0
     published_last_hour: int = 0
     oldest_pending_age: float | None = None
+    #: Pending rows whose publishes are failing, for how long (seconds) and the latest error.
+    failing: int = 0
+    failing_for: float | None = None
+    failing_error: str = ""
     per_subject: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -38,6 +42,8 @@ def outbox_backlog(*, per_subject: bool = False) -> Backlog:
         in_flight=Count("id", filter=Q(status=OutboxStatus.PENDING, lease_until__gt=now)),
         dead=Count("id", filter=Q(status=OutboxStatus.DEAD)),
         oldest=Min("created_at", filter=Q(status=OutboxStatus.PENDING)),
+        failing=Count("id", filter=Q(status=OutboxStatus.PENDING, failing_since__isnull=False)),
+        failing_since=Min("failing_since", filter=Q(status=OutboxStatus.PENDING)),
     )
     published = OutboxEvent.objects.filter(status=OutboxStatus.PUBLISHED, published_at__gte=now - timedelta(hours=1))
     counts = published.aggregate(
@@ -50,7 +56,17 @@ def outbox_backlog(*, per_subject: bool = False) -> Backlog:
         published_last_minute=counts["minute"],
         published_last_hour=counts["hour"],
         oldest_pending_age=(now - agg["oldest"]).total_seconds() if agg["oldest"] else None,
+        failing=agg["failing"],
+        failing_for=(now - agg["failing_since"]).total_seconds() if agg["failing_since"] else None,
     )
+    if backlog.failing:
+        latest = (
+            unfinished.filter(status=OutboxStatus.PENDING, failing_since__isnull=False)
+            .order_by("-next_attempt_at")
+            .values_list("last_error", flat=True)
+            .first()
+        )
+        backlog.failing_error = (latest or "")[:500]
     if per_subject:
         rows = OutboxEvent.objects.values("subject", "status").annotate(n=Count("id")).order_by("subject")
         for row in rows:

@@ -68,6 +68,11 @@ class Command(BaseCommand):
             age,
         )
         console.print(table)
+        if backlog.failing:
+            console.print(
+                f"[bold red]publishing has been failing for {format_duration(backlog.failing_for)}[/] "
+                f"({backlog.failing} pending event(s) retrying): {escape(backlog.failing_error)}"
+            )
         _print_relays(console, relays)
         per = Table(title="per subject")
         for col in ("subject", "pending", "published", "dead"):
