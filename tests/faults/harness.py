@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,8 +167,13 @@ class Stack:
             self.nats.kill()
 
     # --- the end of a scenario ------------------------------------------------------
-    def wait_quiet_and_verify(self, *, timeout: float = 180.0, allow_stream_duplicates: bool = False):
-        """Poll the invariant checker until it passes (the system caught up) or the bound runs out."""
+    def wait_quiet_and_verify(
+        self, *, timeout: float = 180.0, allow_stream_duplicates: bool = False, since: float | None = None
+    ):
+        """Poll the invariant checker until it passes (the system caught up) or the bound runs out.
+
+        ``since`` (a ``time.monotonic()``: when the writes and the faults stopped) makes the report
+        carry ``recovery_seconds``: how long until the invariants held again."""
         from django.conf import settings
         from django.test import override_settings
 
@@ -191,6 +197,8 @@ class Stack:
                     print(f"--- {path.name}\n{path.read_text()[-3000:]}")
                 raise
         report = last["report"]
+        if since is not None:
+            report.counts["recovery_seconds"] = round(time.monotonic() - since, 1)
         print(report.render())
         return report
 

@@ -7,6 +7,7 @@ then the invariant checker: nothing lost, nothing applied twice, order kept.
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -31,12 +32,14 @@ def stack(tmp_path):
         s.close()
 
 
-def finish(stack: Stack, load, **verify) -> None:
+def finish(stack: Stack, load, **verify):
+    """The load ends (and with it the faults); then the time until every invariant holds again."""
     assert load.wait(600) == 0, "the load generator failed"
-    report = stack.wait_quiet_and_verify(**verify)
+    report = stack.wait_quiet_and_verify(since=time.monotonic(), **verify)
     assert report.ok
     assert report.counts["published"] == report.counts["outbox_events"]
-    print(f"kills: {stack.kills}")
+    print(f"kills: {stack.kills} recovery: {report.counts['recovery_seconds']} s")
+    return report
 
 
 def under_load(stack, *, seed: int, updates: int = 400, rate: float = 80):
@@ -98,6 +101,29 @@ def test_nats_server_sigkilled_and_restarted_on_the_same_store_during_load(stack
 
     repeatedly(kill_nats, counter=published, rng=rng, times=2, low=20, high=100)
     finish(s, load)
+
+
+def test_nats_stopped_longer_than_max_attempts_times_backoff_max_kills_no_event(stack):
+    """An outage many times MAX_ATTEMPTS x BACKOFF_MAX long under steady writes: transient failures
+    retry for as long as it lasts, so nothing goes dead, and everything goes out in order after it."""
+    from outbox.models import OutboxEvent
+
+    s = stack(OUTBOX_MAX_ATTEMPTS="3", OUTBOX_BACKOFF_MAX="0.5")
+    s.start_relay()
+    s.start_listener()
+    load = s.load(tickets=10, updates=scaled(200, 2000), rate=scaled(60, 120))
+    assert after_progress(published, random.Random(17), 20, 50)
+    s.nats.kill()
+    s.kills += 1
+    wait_for(
+        lambda: OutboxEvent.objects.filter(status="pending", attempts__gte=4 * 3).exists(),
+        timeout=180,
+        what="failed attempts well past MAX_ATTEMPTS during the outage",
+    )
+    assert not OutboxEvent.objects.filter(status="dead").exists()
+    s.nats.start()
+    report = finish(s, load)
+    assert report.counts["dead"] == 0
 
 
 def test_redis_stopped_during_writes_the_writes_succeed_and_the_sweep_catches_up(stack):
