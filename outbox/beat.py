@@ -23,13 +23,17 @@ PURGE_INTERVAL = 3600.0
 
 
 def beat_schedule(outbox: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """``outbox-sweep`` (the backstop for lost kicks, every SWEEP_INTERVAL seconds) and
-    ``outbox-purge`` (hourly), both sent to OUTBOX['CELERY_QUEUE']."""
+    """``outbox-sweep`` (the backstop for lost kicks, every SWEEP_INTERVAL seconds), ``outbox-purge``
+    (hourly) and, when RECONCILE_INTERVAL is set, ``outbox-reconcile``; all sent to OUTBOX['CELERY_QUEUE']."""
     outbox = outbox or {}
     defaults = OutboxSettings()
     queue = outbox.get("CELERY_QUEUE", defaults.CELERY_QUEUE)
     sweep = float(outbox.get("SWEEP_INTERVAL", defaults.SWEEP_INTERVAL))
-    return {
+    entries = {
         "outbox-sweep": {"task": "outbox.sweep", "schedule": sweep, "options": {"queue": queue}},
         "outbox-purge": {"task": "outbox.purge", "schedule": PURGE_INTERVAL, "options": {"queue": queue}},
     }
+    reconcile = float(outbox.get("RECONCILE_INTERVAL", defaults.RECONCILE_INTERVAL) or 0)
+    if reconcile > 0:
+        entries["outbox-reconcile"] = {"task": "outbox.reconcile", "schedule": reconcile, "options": {"queue": queue}}
+    return entries

@@ -81,6 +81,10 @@ class OutboxSettings:
     SWEEP_INTERVAL: float = 5.0
     #: Kick the relay on commit (turn off to rely on the sweep alone).
     KICK_ON_COMMIT: bool = True
+    #: Seconds between periodic ``outbox_reconcile`` runs by beat (0: off, the default), and how far
+    #: back each looks (seconds or a timedelta; None: every retained published row).
+    RECONCILE_INTERVAL: float = 0.0
+    RECONCILE_WINDOW: timedelta | None = None
     #: Modules imported at start-up that register event contracts. None (the default): the
     #: ``events`` module of every installed app that has one (``myapp/events.py``).
     CONTRACT_MODULES: list[str] | None = None
@@ -105,7 +109,7 @@ def outbox_settings() -> OutboxSettings:
     bad = sorted(set(raw) - _KNOWN)
     if bad:
         raise ConfigurationError(f"Unknown OUTBOX setting(s): {', '.join(bad)}. Known: {', '.join(sorted(_KNOWN))}.")
-    for key in ("RETENTION", "STREAM_MAX_AGE"):
+    for key in ("RETENTION", "STREAM_MAX_AGE", "RECONCILE_WINDOW"):
         if isinstance(raw.get(key), int | float):
             raw[key] = timedelta(seconds=raw[key])
     return OutboxSettings(**raw)

@@ -154,6 +154,28 @@ async def _event_id_at(js: JetStreamContext, stream: str, seq: int) -> str | Non
     return headers.get(EVENT_ID_HEADER) or headers.get("Nats-Msg-Id")
 
 
+def reconcile(*, since: datetime | None, dry_run: bool = False) -> Findings:
+    """Check the published rows since ``since`` against the streams; unless ``dry_run``, send the
+    missing ones back to the relay. One NATS connection of its own, opened and closed here."""
+    from outbox.broker import connect
+    from outbox.services import outbox_republish
+
+    async def run() -> Findings:
+        nc = await connect(name="outbox-reconcile")
+        try:
+            return await find_missing(nc.jetstream(timeout=10), since=since)
+        finally:
+            await nc.close()
+
+    findings = asyncio.run(run())
+    if findings.missing and not dry_run:
+        by_stream = ", ".join(f"{s.stream}: {len(s.missing)}" for s in findings.streams if s.missing)
+        findings.republished = outbox_republish(
+            event_ids=findings.missing_ids(), reason=f"republished by outbox_reconcile: missing from {by_stream}"
+        )
+    return findings
+
+
 def parse_since(text: str) -> datetime:
     """``90m``, ``2h``, ``7d`` (that long ago) or an ISO 8601 timestamp."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}

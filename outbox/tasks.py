@@ -99,6 +99,29 @@ def sweep() -> int:
         close_old_connections()
 
 
+@shared_task(name="outbox.reconcile", base=OutboxTask, ignore_result=True)
+def reconcile() -> int:
+    """Beat (OUTBOX['RECONCILE_INTERVAL']): republish the events the streams lost; returns how many."""
+    from django.utils import timezone
+
+    from outbox.reconcile import reconcile as reconcile_streams
+
+    close_old_connections()
+    try:
+        window = outbox_settings().RECONCILE_WINDOW
+        findings = reconcile_streams(since=timezone.now() - window if window else None)
+        if findings.missing:
+            logger.error(
+                "outbox.reconcile missing=%d republished=%d checked=%d",
+                findings.missing,
+                findings.republished,
+                findings.checked,
+            )
+        return findings.republished
+    finally:
+        close_old_connections()
+
+
 @shared_task(name="outbox.purge", base=OutboxTask, ignore_result=True)
 def purge() -> int:
     from outbox.services import outbox_purge_published

@@ -181,6 +181,19 @@ def test_a_nats_server_killed_with_its_newest_block_truncated_loses_events_that_
     assert_repaired(events - held, logs)
 
 
+def test_the_periodic_task_republishes_what_a_stream_lost():
+    from outbox.tasks import reconcile as reconcile_task
+
+    tickets_with_history(count=1, updates=1)
+    publish_all()
+    lost = OutboxEvent.objects.get(aggregate_version=1)
+    run(_with_js(lambda js: js.delete_msg(stream_name("TICKETS"), lost.stream_sequence)))
+    assert reconcile_task.apply().get() == 1
+    lost.refresh_from_db()
+    assert lost.status == OutboxStatus.PENDING and lost.republished == 1
+    assert lost.headers["event-id"] == str(lost.pk) and lost.headers["republish"] == "1"
+
+
 def test_since_takes_a_duration_or_a_timestamp():
     assert parse_since("2h") < parse_since("90m") < parse_since("30s")
     assert parse_since("2026-01-02T03:04:05+00:00").isoformat() == "2026-01-02T03:04:05+00:00"

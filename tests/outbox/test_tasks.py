@@ -54,6 +54,12 @@ def test_the_beat_helper_gives_the_sweep_and_the_purge_on_the_outbox_queue():
     entries = beat_schedule({"CELERY_QUEUE": "relays", "SWEEP_INTERVAL": 2})
     assert entries["outbox-sweep"]["schedule"] == 2.0
     assert {e["options"]["queue"] for e in entries.values()} == {"relays"}
+    assert "outbox-reconcile" not in entries  # off unless asked for
+    assert beat_schedule({"RECONCILE_INTERVAL": 600})["outbox-reconcile"] == {
+        "task": "outbox.reconcile",
+        "schedule": 600.0,
+        "options": {"queue": "outbox"},
+    }
     # The example project uses it with its own OUTBOX dict.
     assert beat_schedule(settings.OUTBOX) == settings.CELERY_BEAT_SCHEDULE
 

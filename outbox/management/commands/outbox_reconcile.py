@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from outbox.broker import connect
 from outbox.errors import OutboxError
-from outbox.reconcile import Findings, find_missing, parse_since
-from outbox.services import outbox_republish
+from outbox.reconcile import Findings, parse_since, reconcile
 
 
 class Command(BaseCommand):
@@ -30,22 +27,10 @@ class Command(BaseCommand):
         except ValueError:
             raise CommandError(f"--since {options['since']!r}: use 90m, 2h, 7d or an ISO timestamp") from None
 
-        async def run() -> Findings:
-            nc = await connect(name="outbox-reconcile")
-            try:
-                return await find_missing(nc.jetstream(timeout=10), since=since)
-            finally:
-                await nc.close()
-
         try:
-            findings = asyncio.run(run())
+            findings = reconcile(since=since, dry_run=options["dry_run"])
         except OutboxError as exc:
             raise CommandError(str(exc)) from None
-        if findings.missing and not options["dry_run"]:
-            by_stream = ", ".join(f"{s.stream}: {len(s.missing)}" for s in findings.streams if s.missing)
-            findings.republished = outbox_republish(
-                event_ids=findings.missing_ids(), reason=f"republished by outbox_reconcile: missing from {by_stream}"
-            )
         if options["json"]:
             self.stdout.write(json.dumps(findings.as_dict(), indent=2))
         else:
