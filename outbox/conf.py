@@ -154,6 +154,9 @@ class NatsSettings:
     TLS_CERT_FILE: str = ""
     TLS_KEY_FILE: str = ""
     CONNECT_TIMEOUT: float = 2.0
+    #: The server's HTTP monitoring address (``http://nats:8222``), read by ``outbox_streams`` to
+    #: report how the server syncs its file store to disk; "" leaves that unreported.
+    MONITOR_URL: str = ""
 
 
 _NATS_KNOWN = {f.name for f in fields(NatsSettings)}

@@ -142,3 +142,27 @@ def _jetstream_failure(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "JetStream did not answer in time (is it enabled, and is a majority of the cluster up?)"
     return str(exc) or type(exc).__name__
+
+
+def server_durability(monitor_url: str, *, timeout: float = 2.0) -> str:
+    """One line on how the server syncs its file store, read from its monitoring ``/varz``."""
+    import json
+    import urllib.request
+    from urllib.parse import urlparse
+
+    if urlparse(monitor_url).scheme not in {"http", "https"}:
+        return f"durability: unknown (NATS MONITOR_URL {monitor_url!r} is not an http(s) address)"
+    try:
+        with urllib.request.urlopen(f"{monitor_url.rstrip('/')}/varz", timeout=timeout) as response:  # noqa: S310
+            config = (json.load(response).get("jetstream") or {}).get("config") or {}
+    except (OSError, ValueError) as exc:
+        return f"durability: unknown (cannot read {monitor_url}/varz: {exc})"
+    if config.get("sync_always"):
+        return "durability: sync_interval always (every acknowledged message is on disk)"
+    interval = config.get("sync_interval")
+    if interval is None:
+        return "durability: unknown (this server does not report sync_interval; nats-server 2.10+ does)"
+    return (
+        f"durability: the server syncs to disk every {interval / 1e9:g}s: a power loss or OS crash can lose "
+        "messages acknowledged since (set jetstream { sync_interval: always }, or run outbox_reconcile)"
+    )

@@ -177,6 +177,7 @@ NATS = {
     "TLS_CERT_FILE": os.environ.get("NATS_TLS_CERT", ""),
     "TLS_KEY_FILE": os.environ.get("NATS_TLS_KEY", ""),
     "CONNECT_TIMEOUT": float(os.environ.get("NATS_CONNECT_TIMEOUT", "2")),
+    "MONITOR_URL": os.environ.get("NATS_MONITOR_URL", ""),
 }
 
 # --- Outbox ---------------------------------------------------------------------------

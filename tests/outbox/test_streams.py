@@ -68,3 +68,25 @@ def test_bad_stream_limits_fail_the_system_check(streams, error):
     with override_settings(OUTBOX={**settings.OUTBOX, "STREAMS": streams}):
         ids = [e.id for e in check_outbox_settings()]
     assert error in ids
+
+
+@pytest.mark.parametrize(("sync", "expected"), [("always", "sync_interval always"), ("", "every 120s")])
+def test_outbox_streams_reports_how_the_server_syncs_to_disk(tmp_path, capsys, sync, expected):
+    from tests.helpers import PrivateNats, free_port
+
+    monitor = free_port()
+    config = tmp_path / "nats.conf"
+    config.write_text(f"jetstream {{ {'sync_interval: ' + sync if sync else ''} }}\n")
+    server = PrivateNats(store=tmp_path / "store", extra=["-c", str(config), "-m", str(monitor)]).start()
+    try:
+        nats_conf = dict(settings.NATS, SERVERS=[server.url], MONITOR_URL=f"http://127.0.0.1:{monitor}")
+        with override_settings(NATS=nats_conf):
+            call_command("outbox_streams")
+        assert expected in capsys.readouterr().out
+    finally:
+        server.kill()
+
+
+def test_outbox_streams_says_durability_is_not_reported_without_a_monitor_url(capsys):
+    call_command("outbox_streams")
+    assert "durability: not reported (set NATS_MONITOR_URL" in capsys.readouterr().out

@@ -7,8 +7,9 @@ import asyncio
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from outbox.broker import connect
+from outbox.conf import nats_settings
 from outbox.errors import OutboxError
-from outbox.streams import ensure_streams
+from outbox.streams import ensure_streams, server_durability
 
 
 class Command(BaseCommand):
@@ -36,5 +37,11 @@ class Command(BaseCommand):
             drift = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in report.drift.items())
             self.stdout.write(f"{report.name}: {report.action}{' (' + drift + ')' if drift else ''}")
             differs |= report.action in {"missing", "drift"}
+        monitor = nats_settings().MONITOR_URL
+        self.stdout.write(
+            server_durability(monitor)
+            if monitor
+            else "durability: not reported (set NATS_MONITOR_URL to the server's monitoring address)"
+        )
         if options["check"] and differs:
             raise CommandError("streams differ from the contracts; run outbox_streams without --check")
