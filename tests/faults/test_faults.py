@@ -188,3 +188,47 @@ def test_relay_republishing_after_the_dedup_window_stores_duplicates_that_the_in
     report = s.wait_quiet_and_verify(allow_stream_duplicates=True)
     assert report.ok
     assert report.counts["stream_duplicates"] >= 1, "the scenario should have produced duplicates in the stream"
+
+
+def test_mixed_faults_under_steady_writes_lose_nothing_apply_each_event_once_and_keep_order(stack):
+    """Two relays and two listeners under steady writes, with every kind of fault at random points:
+    relays, listeners and the nats-server SIGKILLed, PostgreSQL sessions terminated, Redis restarted
+    once. ``make soak``: 30 minutes at 200 writes/s and at least 300 SIGKILLs."""
+    from collections import Counter
+
+    s = stack()
+    for _ in range(2):
+        s.start_relay()
+        s.start_listener()
+    seconds, rate = scaled(30, 1800), scaled(40, 200)
+    load = s.load(tickets=scaled(30, 300), updates=seconds * rate, rate=rate)
+    rng = random.Random(21)
+    faults: Counter[str] = Counter()
+    step = scaled((20, 60), (150, 450))
+    while load.poll() is None:
+        if not after_progress(published, rng, *step, timeout=60):
+            continue
+        kind = rng.choices(["relay", "listener", "nats", "postgres"], weights=[4, 4, 1, 1])[0]
+        if kind == "relay":
+            i = rng.randrange(2)
+            s.sigkill(s.relays, i)
+            s.start_relay(i)
+        elif kind == "listener":
+            i = rng.randrange(2)
+            s.sigkill(s.listeners, i)
+            s.start_listener(i)
+        elif kind == "nats":
+            s.nats.kill()
+            s.kills += 1
+            s.nats.start()
+        else:
+            s.terminate_db_connections()
+        faults[kind] += 1
+        if not faults["redis"] and published() > seconds * rate // 2:
+            s.redis.stop()
+            s.redis.start()
+            faults["redis"] += 1
+    report = finish(s, load)
+    print(f"faults: {dict(faults)} events: {report.counts['outbox_events']}")
+    assert report.counts["dead"] == 0
+    assert s.kills >= scaled(8, 300), f"only {s.kills} SIGKILLs; the scenario needs more"
