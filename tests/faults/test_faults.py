@@ -190,6 +190,7 @@ def test_relay_republishing_after_the_dedup_window_stores_duplicates_that_the_in
     assert report.counts["stream_duplicates"] >= 1, "the scenario should have produced duplicates in the stream"
 
 
+@pytest.mark.timeout(3600 if SOAK else 400)
 def test_mixed_faults_under_steady_writes_lose_nothing_apply_each_event_once_and_keep_order(stack):
     """Two relays and two listeners under steady writes, with every kind of fault at random points:
     relays, listeners and the nats-server SIGKILLed, PostgreSQL sessions terminated, Redis restarted
