@@ -41,7 +41,7 @@ TONES = {
     "error": "var(--message-error-bg)",
     "info": "var(--darkened-bg)",
 }
-STATUS_TONES = {
+STATUS_TONES: dict[str, str] = {
     OutboxStatus.PENDING: "warning",
     OutboxStatus.PUBLISHED: "success",
     OutboxStatus.DEAD: "error",
@@ -224,7 +224,7 @@ class OutboxEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         else:
             in_flight = f"{backlog.in_flight} in flight" if backlog.in_flight else ""
         oldest = backlog.oldest_pending_age
-        summary = [
+        summary: list[dict[str, Any]] = [
             {
                 "label": "Pending",
                 "count": backlog.pending,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
-from django.core.checks import Error, Warning, register
+from django.core.checks import CheckMessage, Error, Warning, register
 
 from outbox.conf import (
     STREAM_LIMIT_KEYS,
@@ -19,7 +19,7 @@ from outbox.contracts import registry
 
 @register()
 def check_outbox_settings(app_configs=None, **kwargs):  # noqa: ARG001
-    errors = []
+    errors: list[CheckMessage] = []
     bad = unknown_keys()
     if bad:
         errors.append(
@@ -93,8 +93,8 @@ def check_outbox_settings(app_configs=None, **kwargs):  # noqa: ARG001
     return errors
 
 
-def _stream_limit_errors(conf) -> list:
-    errors = []
+def _stream_limit_errors(conf) -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
     if not isinstance(conf.STREAMS, dict):
         return [Error("OUTBOX['STREAMS'] must be a dict of stream name -> limits.", id="outbox.E011")]
     known = registry.streams()
@@ -142,7 +142,7 @@ def _stream_limit_errors(conf) -> list:
     return errors
 
 
-def _database_errors() -> list:
+def _database_errors() -> list[CheckMessage]:
     """On PostgreSQL the relay claims and marks through psycopg 3 cursors."""
     from django.db import connections
 

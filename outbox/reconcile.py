@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.utils import timezone
@@ -72,11 +72,11 @@ def published_rows(since: datetime | None) -> dict[str, list[tuple[str, int | No
     rows = OutboxEvent.objects.filter(status=OutboxStatus.PUBLISHED)
     if since is not None:
         rows = rows.filter(published_at__gte=since)
-    by_stream: dict[str, list[tuple[str, int | None, datetime]]] = defaultdict(list)
+    by_stream: dict[str, list[tuple[str, int | None, datetime]]] = defaultdict(list)  # published_at is set
     for event_id, stream, seq, published_at in rows.order_by("stream", "stream_sequence").values_list(
         "id", "stream", "stream_sequence", "published_at"
     ):
-        by_stream[stream].append((str(event_id), seq, published_at))
+        by_stream[stream].append((str(event_id), seq, published_at or timezone.now()))
     return by_stream
 
 
@@ -141,7 +141,7 @@ def _limits_explain(config: StreamConfig, published_at: datetime, now: datetime)
 
 
 def _age_explains(config: StreamConfig, published_at: datetime, now: datetime) -> bool:
-    return bool(config.max_age) and published_at < now - timedelta(seconds=config.max_age)
+    return bool(config.max_age) and published_at < now - timedelta(seconds=config.max_age or 0)
 
 
 async def _event_id_at(js: JetStreamContext, stream: str, seq: int) -> str | None:
@@ -183,4 +183,4 @@ def parse_since(text: str) -> datetime:
     if text[:-1].replace(".", "", 1).isdigit() and text[-1:] in units:
         return timezone.now() - timedelta(seconds=float(text[:-1]) * units[text[-1]])
     value = datetime.fromisoformat(text)
-    return value if timezone.is_aware(value) else timezone.make_aware(value, timezone.utc)
+    return value if timezone.is_aware(value) else timezone.make_aware(value, UTC)

@@ -108,16 +108,17 @@ async def ensure_streams(js: JetStreamContext, *, apply: bool = True) -> list[St
 
 
 async def _ensure_stream(js: JetStreamContext, desired: StreamConfig, *, apply: bool) -> StreamReport:
+    name = desired.name or ""
     try:
-        info = await js.stream_info(desired.name)
+        info = await js.stream_info(name)
     except NotFoundError:
         if apply:
             await js.add_stream(desired)
-        return StreamReport(desired.name, "created" if apply else "missing")
+        return StreamReport(name, "created" if apply else "missing")
     current = info.config
     drift = _drift(current, desired)
     if not drift:
-        return StreamReport(desired.name, "unchanged")
+        return StreamReport(name, "unchanged")
     fixable = {k: v for k, v in drift.items() if k not in {"storage", "retention"}}
     if apply and fixable:
         merged = current.evolve(
@@ -132,7 +133,7 @@ async def _ensure_stream(js: JetStreamContext, desired: StreamConfig, *, apply: 
         )
         await js.update_stream(merged)
     action = "updated" if apply and fixable else "drift"
-    return StreamReport(desired.name, action, drift)
+    return StreamReport(name, action, drift)
 
 
 def _jetstream_failure(exc: BaseException) -> str:

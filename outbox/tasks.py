@@ -25,7 +25,8 @@ class OutboxTask(Task):
     """
 
     def _get_exec_options(self) -> dict[str, Any]:
-        return {**super()._get_exec_options(), "queue": outbox_settings().CELERY_QUEUE}
+        options = super()._get_exec_options()  # type: ignore[misc]  # not in celery-types
+        return {**options, "queue": outbox_settings().CELERY_QUEUE}
 
 
 def _get_relay():

@@ -166,6 +166,7 @@ class BatchSteps:
         longest = max(map(len, chains_of(rows).values()))
         # A chain may wait for the chains of earlier batches in flight before its own turn.
         timeout = self.conf.PUBLISH_TIMEOUT * (longest + 1) * max(1, self.conf.PIPELINE_DEPTH) + 5
+        error: Exception | None = None
         try:
             if not self.streams_ready:
                 self.ensure_streams()
@@ -178,8 +179,6 @@ class BatchSteps:
             future = self.broker.submit_client(publish)
         except (PublishError, OutboxError, OSError) as exc:
             future, error = None, exc
-        else:
-            error = None
         seqs = ",".join([str(r.seq) for r in rows]) if by_partitions else ""
         return Batch(owner, by_partitions, rows, future, error, timeout, started_at, seqs, time.monotonic() + timeout)
 

@@ -223,9 +223,9 @@ async def publish_rows(
             now = loop.time()
             while sent and sent[0][0] + timeout <= now:
                 _sent_at, row = sent.popleft()
-                reply = outstanding.pop(row.id, None)
-                if reply is not None:
-                    publisher.forget(reply)
+                given_up = outstanding.pop(row.id, None)
+                if given_up is not None:
+                    publisher.forget(given_up)
                     fail(row, transient(f"no PubAck within {timeout:.1f}s"))
     finally:
         # Normally every chain is finished by now; when cancelled, the chains behind ours must not wait.

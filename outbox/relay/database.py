@@ -16,7 +16,7 @@ from outbox.relay.rows import ClaimedRow
 try:  # the claims and marks use psycopg cursors directly (see cursor()): its errors are not wrapped
     import psycopg
 except ImportError:  # pragma: no cover - SQLite only
-    psycopg = None
+    psycopg = None  # type: ignore[assignment]
 
 TABLE = OutboxEvent._meta.db_table
 

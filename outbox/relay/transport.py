@@ -202,7 +202,7 @@ class JetStreamPublisher:
             answer(subject.decode(), data, status)
             return None
 
-        nc._process_msg = _process_msg  # noqa: SLF001
+        nc._process_msg = _process_msg  # type: ignore[method-assign,assignment]  # noqa: SLF001
 
     @property
     def connected(self) -> bool:

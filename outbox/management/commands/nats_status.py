@@ -9,6 +9,7 @@ servers tried). With ``--json`` the document is printed either way, with its
 from __future__ import annotations
 
 import json
+from typing import IO, Any, cast
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from rich.console import Console
@@ -46,7 +47,7 @@ class Command(BaseCommand):
     def _print(self, snapshot: dict) -> None:
         if snapshot["error"]:
             return  # CommandError prints the reason on stderr
-        console = Console(file=self.stdout, highlight=False, width=160)
+        console = Console(file=cast(IO[str], self.stdout), highlight=False, width=160)
         server = snapshot["server"] or {}
         console.print(escape(f"NATS {server.get('version', '?')} at {server.get('address', '?')}"))
 
@@ -60,7 +61,7 @@ class Command(BaseCommand):
             ("last seq", "right"),
             ("consumers", "right"),
         ):
-            streams.add_column(col, justify=justify)
+            streams.add_column(col, justify=cast(Any, justify))
         for s in snapshot["streams"]:
             if not s["exists"]:
                 streams.add_row(
@@ -94,7 +95,7 @@ class Command(BaseCommand):
             ("last active", "right"),
             ("state", "left"),
         ):
-            clients.add_column(col, justify=justify)
+            clients.add_column(col, justify=cast(Any, justify))
         for c in snapshot["consumers"]:
             style = STATE_STYLE.get(c["state"], "")
             state = f"[{style}]{c['state']}[/]" if style else c["state"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import datetime
+from typing import IO, cast
 
 from django.core.management.base import BaseCommand, CommandParser
 from rich.console import Console
@@ -47,7 +48,7 @@ class Command(BaseCommand):
             }
             self.stdout.write(json.dumps(doc))
             return
-        console = Console(file=self.stdout, highlight=False, width=160)
+        console = Console(file=cast(IO[str], self.stdout), highlight=False, width=160)
         table = Table(title="outbox")
         table.add_column("pending")
         if relays.mode == "partitions":
