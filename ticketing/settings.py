@@ -8,6 +8,7 @@ outside ``DEBUG`` a ``SECRET_KEY`` must be given.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import dj_database_url
@@ -37,7 +38,9 @@ def env_list(name: str, default: str) -> list[str]:
 
 DEBUG = env_bool("DEBUG", False)
 
-_DEV_SECRET = "dev-only-insecure-secret-key-do-not-use-in-production"  # noqa: S105
+# The "django-insecure-" prefix makes `manage.py check --deploy` flag it (security.W009) wherever
+# it ends up outside DEBUG, e.g. DJANGO_DEV=1 on a production host.
+_DEV_SECRET = "django-insecure-dev-only-secret-key-do-not-use-in-production"  # noqa: S105
 SECRET_KEY = os.environ.get("SECRET_KEY", "")
 if not SECRET_KEY:
     if DEBUG or env_bool("DJANGO_DEV", False):
@@ -66,6 +69,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",  # static files from STATIC_ROOT, DEBUG on or off
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -128,7 +132,15 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
+# `manage.py collectstatic` fills it (the production image does at build); WhiteNoise serves it
+# compressed, with far-future caching for hashed names. Without collectstatic (runserver, tests)
+# the finders serve static files when DEBUG is on.
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT") or VAR_DIR / "static")
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+warnings.filterwarnings("ignore", message="No directory at: ", module="whitenoise.base")  # before collectstatic
 
 # Production hardening; `manage.py check --deploy` is clean when DEBUG is off and
 # the site is served over TLS (SECURE_SSL_REDIRECT can be turned off behind a proxy).
