@@ -140,7 +140,7 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
-warnings.filterwarnings("ignore", message="No directory at: ", module="whitenoise.base")  # before collectstatic
+warnings.filterwarnings("ignore", message="No directory at: ")  # WhiteNoise, before collectstatic
 
 # Production hardening; `manage.py check --deploy` is clean when DEBUG is off and
 # the site is served over TLS (SECURE_SSL_REDIRECT can be turned off behind a proxy).
