@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import PYTHON, ROOT, free_port, subprocess_env, wait_for
+from tests.helpers import PYTHON, ROOT, free_port, stop, subprocess_env, wait_for
 
 README = (ROOT / "README.md").read_text()
 
@@ -139,9 +139,9 @@ def test_make_run_starts_on_the_fallbacks_serves_the_admin_relays_and_listens_th
         os.killpg(run.pid, signal.SIGINT)  # Ctrl-C in the terminal
         assert run.wait(90) == 0, log.read_text()[-4000:]
     finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait(10)
+        # On a failure above: SIGTERM first, so run.py stops honcho's processes and its nats-server
+        # (each in a process group of its own) before anything is killed outright.
+        stop(run, timeout=90)
     text = log.read_text()
     assert "web, relay and listeners first, then the services" in text
     assert not _answers(nats_port), "the embedded nats-server outlived make run"
