@@ -20,14 +20,12 @@ install: $(STAMP)
 demo: install
 	$(PY) scripts/demo.py
 
-## run: web (admin on 127.0.0.1:8000), relay worker + beat, listeners; Ctrl-C stops all
+## run: web (admin on 127.0.0.1:8000), relay worker + beat, listeners, with the demo's fallbacks; Ctrl-C stops all
 run: install
-	DJANGO_DEV=1 DEBUG=1 $(PY) manage.py migrate --no-input -v 0
-	DJANGO_DEV=1 DEBUG=1 $(PY) manage.py outbox_streams
-	DJANGO_DEV=1 DEBUG=1 $(VENV)/bin/honcho start
+	$(PY) scripts/run.py
 
 superuser: install
-	DJANGO_DEV=1 $(PY) manage.py createsuperuser
+	VAR_DIR=$${VAR_DIR:-var/run} DJANGO_DEV=1 $(PY) manage.py createsuperuser
 
 ## test: the whole suite against real PostgreSQL, Redis and NATS JetStream
 test: install

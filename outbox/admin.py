@@ -125,12 +125,10 @@ class OutboxEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         "seq",
         "subject",
         "aggregate_short",
-        "aggregate_version",
         "status_badge",
         "attempts",
         "created_at",
         "published_at",
-        "stream_sequence",
     )
     list_display_links = ("seq", "subject")
     list_filter = ("status", SubjectFilter, AggregateTypeFilter)

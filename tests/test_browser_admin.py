@@ -193,9 +193,15 @@ def test_stale_edit_is_refused_with_the_conflict_message_and_the_ticket_stays_as
 
     assert "changed" in error.text and "Nothing was saved" in error.text
     assert browser.find_element(By.NAME, "title").get_attribute("value") == "Matinee (my edit)"  # input kept
+    # The page names the ticket as stored, not as typed: heading, breadcrumbs and window title.
+    heading = browser.find_element(By.CSS_SELECTOR, "#content > h2").text
+    assert heading == "Matinee (moved) (10.00)", heading
+    assert "Matinee (moved)" in browser.find_element(By.CSS_SELECTOR, ".breadcrumbs").text
+    assert "my edit" not in browser.find_element(By.CSS_SELECTOR, ".breadcrumbs").text + browser.title
     ticket.refresh_from_db()
     assert (ticket.title, ticket.version) == ("Matinee (moved)", 1)
     assert OutboxEvent.objects.filter(aggregate_id=str(ticket.pk)).count() == 2
+    _screenshot(browser, ARTIFACTS / "ticket-stale-edit.png")
 
 
 def test_outbox_list_search_by_aggregate_id_finds_exactly_that_tickets_events(logged_in, server):
@@ -215,6 +221,34 @@ def test_outbox_list_search_by_aggregate_id_finds_exactly_that_tickets_events(lo
     assert len(rows) == 2
     assert "ticket:created" in text and "ticket:updated" in text
     assert str(other.pk) not in text
+
+
+def test_outbox_changelist_fits_a_1400px_window_without_horizontal_scrolling(logged_in, server):
+    browser = logged_in
+    assert browser.execute_script("return window.innerWidth") == 1400
+    # Rows as wide as they get: long ids, every status, published ones with both dates and a sequence.
+    for n in range(3):
+        ticket = ticket_create(title=f"A rather long ticket title number {n}", price="99999.99", user_id="u" * 40)
+        ticket_update(ticket_id=ticket.pk, expected_version=0, price="1")
+    assert Relay().drain().published == 6
+    lost = ticket_create(title="Lost", price="1", user_id="u")
+    OutboxEvent.objects.filter(aggregate_id=str(lost.pk)).update(
+        status=OutboxStatus.DEAD, attempts=12, last_error="nats: timeout " * 20
+    )
+    ticket_create(title="Pending", price="1", user_id="u")
+
+    browser.get(f"{server}/admin/outbox/outboxevent/")
+    _wait(browser).until(ec.presence_of_element_located((By.ID, "result_list")))
+    widths = browser.execute_script(
+        """
+        const doc = document.documentElement, results = document.querySelector('#changelist .results');
+        return {page: [doc.scrollWidth, doc.clientWidth], results: [results.scrollWidth, results.clientWidth]};
+        """
+    )
+    _screenshot(browser, ARTIFACTS / "outbox-changelist.png")
+    assert widths["page"][0] <= widths["page"][1], widths
+    assert widths["results"][0] <= widths["results"][1], widths  # the table does not scroll sideways either
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#result_list tbody tr")) == 8
 
 
 def test_dead_outbox_row_is_requeued_with_the_changelist_action(logged_in, server):

@@ -94,8 +94,8 @@ def test_every_app_service_lists_the_three_servers_and_keeps_three_replicas():
         assert all(app["depends_on"][n]["condition"] == "service_healthy" for n in nodes), name
         # What the base file gave every app service is still there.
         assert env["DATABASE_URL"].startswith("postgres://") and env["CELERY_BROKER_URL"].startswith("redis://")
-    # The streams are created (or raised to three replicas) by web at start.
-    assert "outbox_streams" in services["web"]["command"]
+    # The streams are created (or raised to three replicas) by the one-shot migrate service.
+    assert "outbox_streams" in services["migrate"]["command"]
 
 
 def test_the_files_nats_commands_form_a_jetstream_cluster_when_run_on_loopback(tmp_path):

@@ -131,6 +131,13 @@ class TicketAdmin(admin.ModelAdmin):
         obj: Ticket | None = None,
     ) -> HttpResponse:
         if obj is not None and not add:
+            if context["adminform"].form.errors:
+                # Validating the refused submission copied the person's input onto `obj` (a ModelForm
+                # builds its instance in place); the heading, breadcrumbs and title name the ticket as
+                # stored, while the fields keep what was typed.
+                stored = Ticket.objects.filter(pk=obj.pk).first()
+                if stored is not None:
+                    context.update(subtitle=str(stored), original=stored)
             context.update(self._events_context(request, obj))
             if obj.is_reserved:
                 context["reserved_notice"] = (

@@ -8,6 +8,7 @@ outside ``DEBUG`` a ``SECRET_KEY`` must be given.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import dj_database_url
@@ -37,7 +38,9 @@ def env_list(name: str, default: str) -> list[str]:
 
 DEBUG = env_bool("DEBUG", False)
 
-_DEV_SECRET = "dev-only-insecure-secret-key-do-not-use-in-production"  # noqa: S105
+# The "django-insecure-" prefix makes `manage.py check --deploy` flag it (security.W009) wherever
+# it ends up outside DEBUG, e.g. DJANGO_DEV=1 on a production host.
+_DEV_SECRET = "django-insecure-dev-only-secret-key-do-not-use-in-production"  # noqa: S105
 SECRET_KEY = os.environ.get("SECRET_KEY", "")
 if not SECRET_KEY:
     if DEBUG or env_bool("DJANGO_DEV", False):
@@ -66,6 +69,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",  # static files from STATIC_ROOT, DEBUG on or off
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -128,7 +132,15 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
+# `manage.py collectstatic` fills it (the production image does at build); WhiteNoise serves it
+# compressed, with far-future caching for hashed names. Without collectstatic (runserver, tests)
+# the finders serve static files when DEBUG is on.
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT") or VAR_DIR / "static")
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+warnings.filterwarnings("ignore", message="No directory at: ")  # WhiteNoise, before collectstatic
 
 # Production hardening; `manage.py check --deploy` is clean when DEBUG is off and
 # the site is served over TLS (SECURE_SSL_REDIRECT can be turned off behind a proxy).
@@ -145,14 +157,16 @@ if not DEBUG:
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
 CELERY_BROKER_TRANSPORT_OPTIONS: dict = {}
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    # The embedded broker of `make demo` when Redis does not answer: a folder of files.
+    # The embedded broker of `make demo` / `make run` when Redis does not answer: a folder of files
+    # under VAR_DIR, its exchange table (control_folder) included, never the working directory.
     _broker_dir = VAR_DIR / "broker"
-    for sub in ("out", "processed"):
+    for sub in ("out", "processed", "control"):
         (_broker_dir / sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "out"),
         "data_folder_out": str(_broker_dir / "out"),
         "processed_folder": str(_broker_dir / "processed"),
+        "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
     }
 CELERY_TASK_SERIALIZER = "json"
@@ -234,7 +248,16 @@ LOGGING = {
     "formatters": {
         "line": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "line", "stream": "ext://sys.stdout"}},
+    # A stop that was asked for (a listener's first SIGTERM/SIGINT) is logged as INFO, not WARNING.
+    "filters": {"asked_stop": {"()": "ticketing.logs.AskedStopIsInfo"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "line",
+            "stream": "ext://sys.stdout",
+            "filters": ["asked_stop"],
+        }
+    },
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
         "outbox": {"level": LOG_LEVEL},

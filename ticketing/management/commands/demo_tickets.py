@@ -11,7 +11,9 @@ from django.db import transaction
 from rich.console import Console
 from rich.table import Table
 
+from listeners.models import InboxEntry
 from outbox import emit
+from outbox.models import OutboxEvent
 from ticketing.events import OrderCreated, OrderTicket
 from ticketing.models import Ticket
 from ticketing.replica.models import TicketReplica
@@ -33,6 +35,11 @@ class Command(BaseCommand):
         concert = ticket_update(ticket_id=concert.id, expected_version=0, price="25.00")
         concert = ticket_update(ticket_id=concert.id, expected_version=1, title="Concert (late show)")
         play = ticket_update(ticket_id=play.id, expected_version=0, price="27.50")
+        written = OutboxEvent.objects.filter(
+            aggregate_type="ticket", aggregate_id__in=[str(concert.id), str(match.id), str(play.id)]
+        )
+        for event in written.order_by("seq"):
+            console.print(f"   {_describe(event, {})}  in the outbox")
 
         console.print("[bold]2. the orders service reserves a ticket: order:created -> ticket:updated with orderId[/]")
         order_id = f"order-{uuid.uuid4().hex[:8]}"
@@ -49,12 +56,15 @@ class Command(BaseCommand):
             )
 
         ids = [str(t.id) for t in (concert, match, play)]
-        console.print("[bold]3. waiting for the relay and the listeners[/]")
+        console.print("[bold]3. the relay publishes, the listeners apply each event once (event -> ticket)[/]")
+        shown: set[str] = set()
         deadline = time.monotonic() + options["timeout"]
         while True:
+            _show_applied(console, ids, order_id, shown)
             source = {str(t.id): t for t in Ticket.objects.filter(id__in=ids)}
             replica = {r.id: r for r in TicketReplica.objects.filter(id__in=ids)}
             if _equal(source, replica) and source[str(match.id)].order_id == order_id:
+                _show_applied(console, ids, order_id, shown)
                 break
             if time.monotonic() > deadline:
                 _show(console, ids, source, replica)
@@ -62,6 +72,35 @@ class Command(BaseCommand):
             time.sleep(0.1)
         _show(console, ids, source, replica)
         console.print("[bold green]replica == source[/] for every ticket (title, price, user, order, version)")
+
+
+def _ticket_of(event: OutboxEvent) -> str:
+    if event.aggregate_type == "ticket":
+        return event.aggregate_id
+    return str((event.payload.get("ticket") or {}).get("id", ""))
+
+
+def _show_applied(console: Console, ids: list[str], order_id: str, shown: set[str]) -> None:
+    """One line per event a listener applied since the last call: the event id (as the listeners
+    log it, event_id=...) next to the ticket it is about (the id column of the table below)."""
+    events = {
+        str(e.id): e
+        for e in OutboxEvent.objects.filter(aggregate_id__in=[*ids, order_id]).only(
+            "id", "subject", "aggregate_type", "aggregate_id", "aggregate_version", "payload"
+        )
+    }
+    titles = dict(Ticket.objects.filter(id__in=ids).values_list("id", "title"))
+    applied = InboxEntry.objects.filter(event_id__in=list(events)).exclude(event_id__in=shown)
+    for entry in applied.order_by("processed_at", "id"):
+        console.print(f"   {_describe(events[entry.event_id], titles)}  {entry.outcome} by {entry.consumer}")
+        shown.add(entry.event_id)
+
+
+def _describe(event: OutboxEvent, titles: dict) -> str:
+    ticket = _ticket_of(event)
+    title = event.payload.get("title") or (titles.get(uuid.UUID(ticket), "") if ticket else "")
+    version = f"v{event.aggregate_version}"
+    return f"{event.subject:<15} {version:<3} ticket {ticket[:8]} {title!r:<23} event {str(event.id)[:8]}"
 
 
 def _row(t) -> tuple:
