@@ -108,7 +108,9 @@ def test_the_files_nats_commands_form_a_jetstream_cluster_when_run_on_loopback(t
             command = []
             for arg in node["command"]:
                 key, _, value = arg.partition("=")
-                if key == "--store_dir":
+                if key == "--config":
+                    value = str(ROOT / "deploy" / "nats" / "nats.conf")  # the file compose mounts there
+                elif key == "--store_dir":
                     value = str(tmp_path / name)
                 elif key == "--http_port":
                     value = str(monitor)

@@ -10,6 +10,7 @@ against a real worker and a real durable consumer.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -62,7 +63,11 @@ def test_every_compose_service_has_a_health_check_and_only_the_one_shot_migrate_
             assert service["healthcheck"]["test"], name
     assert "healthz" in " ".join(SERVICES["nats"]["healthcheck"]["test"])
     assert str(SERVICES["nats"]["image"]).startswith("nats:2.10")
-    assert "8222" in SERVICES["nats"]["command"]  # the monitor port /healthz is served on
+    # The monitor port /healthz is served on, and every acknowledged write synced, in the mounted config.
+    assert "8222" in SERVICES["nats"]["command"]
+    assert SERVICES["nats"]["command"][:2] == ["-c", "/etc/nats/nats.conf"]
+    assert "./deploy/nats/nats.conf:/etc/nats/nats.conf:ro" in SERVICES["nats"]["volumes"]
+    assert "sync_interval: always" in (ROOT / "deploy" / "nats" / "nats.conf").read_text()
 
 
 def test_app_services_wait_for_healthy_services_and_the_completed_migrate_which_runs_migrations_then_streams():
@@ -157,6 +162,12 @@ def image_server(tmp_path):
 
     try:
         wait_for(answers, timeout=60, what="gunicorn")
+        # The worker imports Django on its first request: take that cost here, with a generous
+        # bound, so the checks below meet a warm server as a container's health check would.
+        warm = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        warm.request("GET", "/admin/login/", headers={"X-Forwarded-Proto": "https"})
+        warm.getresponse().read()
+        warm.close()
         yield port, static, log
     finally:
         stop(proc)
@@ -259,6 +270,7 @@ def test_the_relay_health_check_pings_the_named_worker_over_the_broker(tmp_path)
 def test_listener_ready_fails_until_the_listeners_durable_consumer_exists():
     with pytest.raises(CommandError, match="no durable consumer yet: .*replica-TICKETS"):
         call_command("listener_ready", "ticket:created", "ticket:updated")
+    call_command("outbox_streams")  # the producer's job: a listener never creates a stream
     call_command("listen", "ticket:created", "ticket:updated", "--idle-exit", "0.5")
     call_command("listener_ready", "ticket:created", "ticket:updated")
     with pytest.raises(CommandError, match="tickets-ORDERS"):
