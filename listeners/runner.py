@@ -23,8 +23,9 @@ Failures and what they cost:
   including what was still on the wire — and flushes the acks before closing — so a
   restart finds every message at once instead of after ``ack_wait``.
 
-Between the commit and the acks the runner calls the :data:`listeners.hooks.AFTER_COMMIT`
-hooks (none by default; the fault tests add one that kills the process there).
+Before a batch is applied the runner calls the :data:`listeners.hooks.BEFORE_APPLY` hooks,
+between the commit and the acks the :data:`listeners.hooks.AFTER_COMMIT` hooks (none by
+default; the fault tests add ones that kill the process there).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from listeners.consumers import consumer_ensure, consumer_start_over
 from listeners.db_health import ConnectionCheckSchedule, replace_unusable_connection
 from listeners.delivery import ACK, NAK, TERM, Decision, Delivery
 from listeners.errors import ListenerStartupError
-from listeners.hooks import AFTER_COMMIT, call_hooks
+from listeners.hooks import AFTER_COMMIT, BEFORE_APPLY, call_hooks
 from listeners.plan import ConsumerPlan, durable_slug, plan_consumers, subjects_by_stream
 from listeners.pull import Pull, make_pull, quietly
 from listeners.stream_check import StreamNotReady, streams_check
@@ -292,6 +293,7 @@ class ListenerRunner:
                     plan.listeners.get(name),
                 )
             )
+        call_hooks(BEFORE_APPLY, durable=plan.durable, messages=len(msgs))
         decisions = await self._apply_until_committed(plan, msgs, deliveries, pull)
         if decisions is None:
             return
