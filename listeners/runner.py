@@ -25,7 +25,9 @@ Failures and what they cost:
 
 Before a batch is applied the runner calls the :data:`listeners.hooks.BEFORE_APPLY` hooks,
 between the commit and the acks the :data:`listeners.hooks.AFTER_COMMIT` hooks (none by
-default; the fault tests add ones that kill the process there).
+default; the fault tests add ones that kill the process there), and at each turn of a
+consumer's loop the :data:`listeners.hooks.LOOP_TURN` hooks and the health file
+(:mod:`listeners.health`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 
 from asgiref.sync import sync_to_async
 from django.db import connections
@@ -46,9 +47,10 @@ from listeners.base import Listener
 from listeners.conf import listeners_settings
 from listeners.consumers import consumer_ensure, consumer_start_over
 from listeners.db_health import ConnectionCheckSchedule, replace_unusable_connection
-from listeners.delivery import ACK, NAK, TERM, Decision, Delivery
+from listeners.delivery import ACK, NAK, TERM, Decision, Delivery, RunStats
 from listeners.errors import ListenerStartupError
-from listeners.hooks import AFTER_COMMIT, BEFORE_APPLY, call_hooks
+from listeners.health import HealthFile
+from listeners.hooks import AFTER_COMMIT, BEFORE_APPLY, LOOP_TURN, call_hooks
 from listeners.plan import ConsumerPlan, durable_slug, plan_consumers, subjects_by_stream
 from listeners.pull import Pull, make_pull, quietly
 from listeners.stream_check import StreamNotReady, streams_check
@@ -60,16 +62,6 @@ logger = logging.getLogger("listeners.runner")
 
 #: Upper bound of the pause between two attempts at a batch the database refused.
 BATCH_RETRY_MAX = 5.0
-
-
-@dataclass
-class RunStats:
-    handled: int = 0
-    outcomes: dict[str, int] = field(default_factory=dict)
-
-    def add(self, decision: Decision) -> None:
-        self.handled += 1
-        self.outcomes[decision.outcome] = self.outcomes.get(decision.outcome, 0) + 1
 
 
 def apply_batch_after_check(deliveries: list[Delivery], *, check: bool) -> list[Decision]:
@@ -93,6 +85,7 @@ class ListenerRunner:
         reset: bool = False,
         fetch_timeout: float = 1.0,
         ack_wait: float | None = None,
+        health_file: str | None = None,
     ) -> None:
         self.listener_classes = listener_classes
         self.subjects = subjects
@@ -105,7 +98,10 @@ class ListenerRunner:
         self.fetch_timeout = fetch_timeout
         self.ack_wait = ack_wait
         self.stats = RunStats()
-        self.open_pull = listeners_settings().OPEN_PULL
+        conf = listeners_settings()
+        self.open_pull = conf.OPEN_PULL
+        health_file = health_file or conf.HEALTH_FILE
+        self.health = HealthFile(health_file) if health_file else None
         self._stop = asyncio.Event()
         self._last_activity = time.monotonic()
         self._batches = 0
@@ -175,12 +171,16 @@ class ListenerRunner:
 
     async def run(self) -> RunStats:
         js = await self.connect()
+        if self.health:
+            self.health.plan([plan.durable for plan in self.plans])
         try:
             tasks = [asyncio.create_task(self._consume(js, plan)) for plan in self.plans]
             await asyncio.gather(*tasks)
         finally:
             if self._stop_task is not None:
                 self._stop_task.cancel()
+            if self.health:
+                self.health.stopped()
             await self.close()
             await sync_to_async(connections.close_all, thread_sensitive=True)()
         return self.stats
@@ -207,6 +207,7 @@ class ListenerRunner:
         failures = 0
         try:
             while not self._done():
+                self._turn(plan)
                 want = max(self._want(0), 1)
                 try:
                     msgs = await pull.next_batch(want, wait=self._wait_limit(), stop=self._stop_waiter())
@@ -236,6 +237,13 @@ class ListenerRunner:
                 self._last_activity = time.monotonic()
         finally:
             await self.hand_back(pull, plan)
+
+    def _turn(self, plan: ConsumerPlan) -> None:
+        """A turn of a consumer's loop: the liveness signal (health file) and the LOOP_TURN hooks."""
+        if self.health:
+            connected = self.nc is not None and self.nc.is_connected
+            self.health.turn(plan.durable, connected=connected, stopping=self.stopping)
+        call_hooks(LOOP_TURN, durable=plan.durable)
 
     def _want(self, in_hand: int) -> int:
         """The next batch's size: ``--batch``, or what is left of ``--max-messages`` beside the messages in hand."""

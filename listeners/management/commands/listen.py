@@ -39,6 +39,12 @@ class Command(BaseCommand):
             help="seconds JetStream waits for an ack before redelivering (default: the listeners' ack_wait); "
             "applied to the durable consumer, i.e. to every process of the group",
         )
+        parser.add_argument(
+            "--health-file",
+            metavar="PATH",
+            help="rewrite PATH with this process's status every loop turn, for probes (listeners_health PATH); "
+            "default: LISTENERS['HEALTH_FILE']",
+        )
 
     def handle(self, *args, **options) -> None:
         subjects: list[str] = options["subjects"]
@@ -67,6 +73,7 @@ class Command(BaseCommand):
                 from_start=options["from_start"],
                 reset=options["reset"],
                 ack_wait=options["ack_wait"],
+                health_file=options["health_file"],
             )
             stats = asyncio.run(self._run(runner))
         except (ListenerError, OutboxError) as exc:
