@@ -27,7 +27,7 @@ Before a batch is applied the runner calls the :data:`listeners.hooks.BEFORE_APP
 between the commit and the acks the :data:`listeners.hooks.AFTER_COMMIT` hooks (none by
 default; the fault tests add ones that kill the process there), and at each turn of a
 consumer's loop the :data:`listeners.hooks.LOOP_TURN` hooks and the health file
-(:mod:`listeners.health`).
+(:mod:`listeners.health`). Its metrics are :mod:`listeners.metrics`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from listeners import metrics
 from listeners.apply import apply_batch
 from listeners.base import Listener
 from listeners.conf import listeners_settings
@@ -86,6 +87,7 @@ class ListenerRunner:
         fetch_timeout: float = 1.0,
         ack_wait: float | None = None,
         health_file: str | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         self.listener_classes = listener_classes
         self.subjects = subjects
@@ -102,6 +104,8 @@ class ListenerRunner:
         self.open_pull = conf.OPEN_PULL
         health_file = health_file or conf.HEALTH_FILE
         self.health = HealthFile(health_file) if health_file else None
+        self.metrics_port = conf.METRICS_PORT if metrics_port is None else metrics_port
+        self.metrics_addr = conf.METRICS_ADDR
         self._stop = asyncio.Event()
         self._last_activity = time.monotonic()
         self._batches = 0
@@ -170,15 +174,22 @@ class ListenerRunner:
         return make_pull(self.nc, psub, expires=self.fetch_timeout, prefer_open=self.open_pull)
 
     async def run(self) -> RunStats:
+        if self.metrics_port:
+            metrics.serve(self.metrics_port, self.metrics_addr)
         js = await self.connect()
         if self.health:
             self.health.plan([plan.durable for plan in self.plans])
+        sampler = None
         try:
+            if self.metrics_port:
+                consumers = [(plan.stream, plan.durable) for plan in self.plans]
+                sampler = asyncio.create_task(metrics.sample_lag(js, consumers, self._stop))
             tasks = [asyncio.create_task(self._consume(js, plan)) for plan in self.plans]
             await asyncio.gather(*tasks)
         finally:
-            if self._stop_task is not None:
-                self._stop_task.cancel()
+            for task in (self._stop_task, sampler):
+                if task is not None:
+                    task.cancel()
             if self.health:
                 self.health.stopped()
             await self.close()
@@ -282,6 +293,7 @@ class ListenerRunner:
             logger.info("listener.handed_back durable=%s messages=%d", plan.durable, returned)
 
     async def _process(self, plan: ConsumerPlan, msgs: list[Msg], pull: Pull) -> None:
+        arrived = time.monotonic()
         names = plan.event_names  # NATS subject -> event name, filled as subjects are met
         deliveries = []
         for msg in msgs:
@@ -305,6 +317,7 @@ class ListenerRunner:
         decisions = await self._apply_until_committed(plan, msgs, deliveries, pull)
         if decisions is None:
             return
+        committed_at = time.time()
         self._batches += 1
         call_hooks(AFTER_COMMIT, batches=self._batches, durable=plan.durable, messages=len(msgs))
         stats = self.stats
@@ -321,6 +334,8 @@ class ListenerRunner:
                 logger.debug("listener.ack_failed error=%s", exc)
             if action != NAK:
                 stats.add(decision)
+        if self.metrics_port:
+            metrics.observe_batch(plan.durable, msgs, deliveries, decisions, arrived=arrived, committed_at=committed_at)
 
     async def _apply_until_committed(
         self, plan: ConsumerPlan, msgs: list[Msg], deliveries: list[Delivery], pull: Pull

@@ -45,6 +45,12 @@ class Command(BaseCommand):
             help="rewrite PATH with this process's status every loop turn, for probes (listeners_health PATH); "
             "default: LISTENERS['HEALTH_FILE']",
         )
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            metavar="PORT",
+            help="serve Prometheus metrics on this port (0: none; default: LISTENERS['METRICS_PORT'])",
+        )
 
     def handle(self, *args, **options) -> None:
         subjects: list[str] = options["subjects"]
@@ -58,6 +64,8 @@ class Command(BaseCommand):
             raise CommandError("--idle-exit must be a positive number of seconds")
         if options["ack_wait"] is not None and not 0.5 <= options["ack_wait"] <= 86400:
             raise CommandError("--ack-wait must be between 0.5 and 86400 seconds")
+        if options["metrics_port"] is not None and not 0 <= options["metrics_port"] <= 65535:
+            raise CommandError("--metrics-port must be a port number (0: no metrics endpoint)")
         try:
             classes = listeners_for(subjects, group=options["group"])
         except ListenerError as exc:
@@ -74,6 +82,7 @@ class Command(BaseCommand):
                 reset=options["reset"],
                 ack_wait=options["ack_wait"],
                 health_file=options["health_file"],
+                metrics_port=options["metrics_port"],
             )
             stats = asyncio.run(self._run(runner))
         except (ListenerError, OutboxError) as exc:
