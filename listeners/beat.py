@@ -28,7 +28,11 @@ def beat_schedule(listeners: Mapping[str, Any] | None = None, *, queue: str | No
     """``listeners-purge-inbox`` (hourly); nothing when the inbox is kept forever (``INBOX_RETENTION`` 0/None)."""
     listeners = listeners or {}
     retention = listeners.get("INBOX_RETENTION", ListenersSettings().INBOX_RETENTION)
-    if retention_of(retention) is None:
+    try:
+        off = retention_of(retention) is None
+    except (TypeError, ValueError):
+        off = False  # malformed: the system check (listeners.E003) says so; settings must still load
+    if off:
         return {}
     entry: dict[str, Any] = {"task": "listeners.purge_inbox", "schedule": PURGE_INTERVAL}
     if queue:

@@ -120,6 +120,8 @@ def test_the_beat_helper_gives_an_hourly_purge():
     assert beat_schedule() == {"listeners-purge-inbox": {"task": "listeners.purge_inbox", "schedule": 3600.0}}
     assert beat_schedule({}, queue="relays")["listeners-purge-inbox"]["options"] == {"queue": "relays"}
     assert settings.CELERY_BEAT_SCHEDULE["listeners-purge-inbox"]["task"] == "listeners.purge_inbox"
+    # A malformed value is the system check's to report: the settings module must still load.
+    assert list(beat_schedule({"INBOX_RETENTION": "30d"})) == ["listeners-purge-inbox"]
 
 
 @pytest.mark.parametrize(
