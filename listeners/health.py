@@ -14,12 +14,17 @@ changed. ``listeners_health PATH`` reads it back with :func:`health_verdict`:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from listeners.errors import ListenerStartupError
+
+logger = logging.getLogger("listeners.runner")
 
 #: Seconds between two writes of an unchanged status (a turn of the loop under load is ~ms).
 WRITE_INTERVAL = 0.5
@@ -36,6 +41,14 @@ class HealthFile:
         self.consumers: list[str] = []
         self.written_at = 0.0
         self.last: tuple[bool, str] | None = None
+        self.failed_at = 0.0
+
+    def start(self) -> None:
+        """Write a first status (not ready yet): a path that cannot be written is a one-line startup error."""
+        try:
+            self.write(ready=False, state="starting", connected=False)
+        except OSError as exc:
+            raise ListenerStartupError(f"cannot write the health file {self.path}: {exc.strerror or exc}") from exc
 
     def plan(self, durables: list[str]) -> None:
         """The consumers this process will run: ready once each has turned its loop."""
@@ -48,13 +61,22 @@ class HealthFile:
         ready = connected and not stopping and all(c in self.turns for c in self.consumers)
         state = (ready, "stopping" if stopping else "running")
         if state != self.last or now - self.written_at >= WRITE_INTERVAL:
-            self.write(ready=ready, state=state[1], connected=connected)
+            self._write_quietly(ready=ready, state=state[1], connected=connected)
+
+    def _write_quietly(self, **status: Any) -> None:
+        """A write that fails (disk full ...) must not stop the listener: the probe sees the file age."""
+        try:
+            self.write(**status)
+        except OSError as exc:
+            if time.monotonic() - self.failed_at > 60:
+                self.failed_at = time.monotonic()
+                logger.warning("listener.health_file_failed path=%s error=%s", self.path, exc)
 
     def write(self, *, ready: bool, state: str, connected: bool) -> None:
         now = time.time()
         doc = {
             "pid": os.getpid(),
-            "state": state,  # running | stopping | stopped
+            "state": state,  # starting | running | stopping | stopped
             "ready": ready,
             "connected": connected,
             "written_at": now,
@@ -74,7 +96,7 @@ class HealthFile:
 
     def stopped(self) -> None:
         """The process is leaving: not ready, whatever the file said."""
-        self.write(ready=False, state="stopped", connected=False)
+        self._write_quietly(ready=False, state="stopped", connected=False)
 
 
 @dataclass(frozen=True)

@@ -174,6 +174,8 @@ class ListenerRunner:
         return make_pull(self.nc, psub, expires=self.fetch_timeout, prefer_open=self.open_pull)
 
     async def run(self) -> RunStats:
+        if self.health:
+            self.health.start()
         if self.metrics_port:
             metrics.serve(self.metrics_port, self.metrics_addr)
         js = await self.connect()

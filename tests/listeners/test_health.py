@@ -87,3 +87,12 @@ def test_a_listener_cut_off_from_nats_is_alive_but_not_ready(private_nats, tmp_p
         wait_for(lambda: probe(health, env=env)[0] == 0, timeout=60, what="ready again after NATS came back")
     finally:
         assert stop(proc) == 0
+
+
+def test_a_health_file_that_cannot_be_written_is_a_one_line_error_before_connecting(tmp_path: Path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    result = run_manage("listen", *BOTH, "--health-file", str(blocker / "health.json"), timeout=60)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"CommandError: cannot write the health file {blocker}/"), lines
