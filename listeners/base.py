@@ -60,18 +60,23 @@ class Listener:
     subjects: ClassVar[tuple[str, ...]] = ()
     #: The queue group: processes of the same group share one durable consumer.
     group: ClassVar[str] = ""
-    #: Seconds JetStream waits for an ack before redelivering.
-    ack_wait: ClassVar[float] = 30.0
+    #: Seconds JetStream waits for an ack before redelivering. It is also how long a message
+    #: held by a process that died (SIGKILL, OOM, lost node) stays out of reach, and so how long
+    #: the events behind it in version order wait (issue 17): short. A batch that takes longer
+    #: is kept "in progress" every ``ack_wait / 2`` by the runner, so a slow batch is not redelivered.
+    ack_wait: ClassVar[float] = 5.0
     #: Deliveries before a failing event is dead-lettered (counted by the listener, not the server).
     max_deliver: ClassVar[int] = 20
     #: Deliveries an event may wait for a missing earlier version (about 20 minutes at gap_delay_max)
     #: before it is dead-lettered: crashes and slow producers must not turn a gap into a dead letter.
-    max_gap_deliveries: ClassVar[int] = 240
+    max_gap_deliveries: ClassVar[int] = 1200
     #: Redelivery delays (seconds) after a handler error, by delivery count; the last one repeats.
     backoff: ClassVar[tuple[float, ...]] = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
     #: Redelivery delay while waiting for a missing earlier version; doubles, capped at gap_delay_max.
+    #: The cap is low on purpose: every event queued behind a gap waits on its own timer, so once
+    #: the missing version is applied the queue drains at about one timer per link (issue 17).
     gap_delay: ClassVar[float] = 0.1
-    gap_delay_max: ClassVar[float] = 5.0
+    gap_delay_max: ClassVar[float] = 1.0
     #: May :meth:`handle_batch` see an event this consumer applied before, in an attempt that is
     #: then rolled back whole? True lets a batch of first deliveries skip the inbox read (one
     #: round trip): for listeners whose ``handle_batch`` only writes to this database.

@@ -1,5 +1,7 @@
 """A message as the listener received it (:class:`Delivery`), what is done with it (:class:`Decision`), its event id.
 
+:class:`RunStats` counts the decisions of one run (the ``listen`` command's summary line).
+
 These are the values that travel between the asyncio side (which owns nats-py) and
 the database side (which applies and decides); nothing here talks to either.
 """
@@ -7,7 +9,7 @@ the database side (which applies and decides); nothing here talks to either.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from listeners.base import Listener
@@ -41,6 +43,16 @@ class Decision:
     delay: float | None = None
     ms: float = 0.0
     error: str = ""
+
+
+@dataclass
+class RunStats:
+    handled: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, decision: Decision) -> None:
+        self.handled += 1
+        self.outcomes[decision.outcome] = self.outcomes.get(decision.outcome, 0) + 1
 
 
 def event_id_of(delivery: Delivery) -> str:

@@ -1,7 +1,8 @@
 """Named points of the run loop where other code may step in; nothing is registered, and nothing happens, by default.
 
 The fault tests use it to kill a listener at the worst moment (after a commit, before
-its acks) without production code carrying a switch for it::
+its acks; or holding a batch it has not applied) without production code carrying a
+switch for it::
 
     from listeners.hooks import AFTER_COMMIT, add_hook
 
@@ -15,11 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+#: A batch was received and nothing of it is applied yet; keywords: ``durable``, ``messages``.
+BEFORE_APPLY = "before_apply"
 #: A batch has committed and none of its messages is acked yet; keywords: ``batches``
 #: (batches this process committed so far), ``durable``, ``messages``.
 AFTER_COMMIT = "after_commit"
+#: One turn of a consumer's loop ended (a batch handled, or a wait for messages timed out);
+#: keywords: ``durable``. The health file is written from here.
+LOOP_TURN = "loop_turn"
 
-POINTS = frozenset({AFTER_COMMIT})
+POINTS = frozenset({BEFORE_APPLY, AFTER_COMMIT, LOOP_TURN})
 
 Hook = Callable[..., None]
 

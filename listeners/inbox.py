@@ -2,19 +2,27 @@
 
 An inbox row (``consumer``, ``event_id`` unique) commits with the effect of its event
 or not at all; its unique constraint is the last line against a second copy of the
-same event applied concurrently.
+same event applied concurrently. Rows older than ``LISTENERS['INBOX_RETENTION']`` are
+purged (:func:`inbox_purge`): a copy of an event redelivered after that is applied again,
+unless its listener's own rule (the version rule of a replica) makes it stale.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from django.db import transaction
 from django.utils import timezone
 
 from listeners.base import Listener, rows_source, set_cursor
+from listeners.conf import listeners_settings
 from listeners.delivery import Delivery, event_id_of
 from listeners.models import InboxEntry
+
+logger = logging.getLogger("listeners.inbox")
 
 #: (consumer, event id) pairs known to be in the inbox.
 Applied = set[tuple[str, str]]
@@ -94,3 +102,45 @@ def inbox_forget_consumer(*, consumer: str, reset: Iterable[type[Listener]] = ()
         InboxEntry.objects.filter(consumer=consumer).delete()
         for cls in set(reset):
             cls().reset()
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    #: Rows deleted (with ``dry_run``: rows that would be).
+    rows: int
+    #: Rows processed before this instant were (or would be) deleted; None: retention is off.
+    cutoff: datetime | None
+    #: DELETE statements run.
+    batches: int = 0
+
+
+def inbox_purge(*, older_than: timedelta | None = None, batch: int | None = None, dry_run: bool = False) -> PurgeReport:
+    """Delete inbox rows processed more than ``older_than`` ago (default ``INBOX_RETENTION``), in bounded batches.
+
+    Each batch is its own short statement: the oldest ``batch`` ids by ``processed_at`` (its
+    index), then a DELETE of those ids, so no long transaction holds the table while a listener
+    writes to it. Nothing is deleted when retention is off (``INBOX_RETENTION`` 0/None) and no
+    ``older_than`` is given. ``dry_run`` counts instead.
+    """
+    conf = listeners_settings()
+    age = older_than if older_than is not None else conf.INBOX_RETENTION
+    if age is None:
+        return PurgeReport(0, None)
+    cutoff = timezone.now() - age
+    old = InboxEntry.objects.filter(processed_at__lt=cutoff)
+    if dry_run:
+        return PurgeReport(old.count(), cutoff)
+    size = batch or conf.INBOX_PURGE_BATCH
+    total = batches = 0
+    while True:
+        ids = list(old.order_by("processed_at").values_list("id", flat=True)[:size])
+        if not ids:
+            break
+        deleted, _ = InboxEntry.objects.filter(id__in=ids).delete()
+        total += deleted
+        batches += 1
+        if len(ids) < size:
+            break
+    if total:
+        logger.info("listener.inbox_purged rows=%d batches=%d cutoff=%s", total, batches, cutoff.isoformat())
+    return PurgeReport(total, cutoff, batches)

@@ -19,7 +19,19 @@ class InboxEntry(models.Model):
         verbose_name = "inbox entry"
         verbose_name_plural = "inbox"
         constraints = [models.UniqueConstraint(fields=["consumer", "event_id"], name="inbox_once_per_consumer")]
-        indexes = [models.Index(fields=["processed_at"], name="inbox_processed_at")]
+        indexes = [
+            # The purge (oldest first) and the admin's list (newest first).
+            models.Index(fields=["processed_at"], name="inbox_processed_at"),
+            # The admin's filters, each with the list's order.
+            models.Index(fields=["consumer", "processed_at"], name="inbox_consumer_processed"),
+            models.Index(fields=["subject", "processed_at"], name="inbox_subject_processed"),
+            # Outcomes other than "applied" are rare: a small index for filtering on them.
+            models.Index(
+                fields=["outcome", "processed_at"],
+                name="inbox_outcome_processed",
+                condition=~models.Q(outcome="applied"),
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.consumer} {self.subject} {self.event_id}"

@@ -23,8 +23,11 @@ Failures and what they cost:
   including what was still on the wire — and flushes the acks before closing — so a
   restart finds every message at once instead of after ``ack_wait``.
 
-Between the commit and the acks the runner calls the :data:`listeners.hooks.AFTER_COMMIT`
-hooks (none by default; the fault tests add one that kills the process there).
+Before a batch is applied the runner calls the :data:`listeners.hooks.BEFORE_APPLY` hooks,
+between the commit and the acks the :data:`listeners.hooks.AFTER_COMMIT` hooks (none by
+default; the fault tests add ones that kill the process there), and at each turn of a
+consumer's loop the :data:`listeners.hooks.LOOP_TURN` hooks and the health file
+(:mod:`listeners.health`). Its metrics are :mod:`listeners.metrics`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 
 from asgiref.sync import sync_to_async
 from django.db import connections
@@ -40,14 +42,16 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from listeners import metrics
 from listeners.apply import apply_batch
 from listeners.base import Listener
 from listeners.conf import listeners_settings
 from listeners.consumers import consumer_ensure, consumer_start_over
 from listeners.db_health import ConnectionCheckSchedule, replace_unusable_connection
-from listeners.delivery import ACK, NAK, TERM, Decision, Delivery
+from listeners.delivery import ACK, NAK, TERM, Decision, Delivery, RunStats
 from listeners.errors import ListenerStartupError
-from listeners.hooks import AFTER_COMMIT, call_hooks
+from listeners.health import HealthFile
+from listeners.hooks import AFTER_COMMIT, BEFORE_APPLY, LOOP_TURN, call_hooks
 from listeners.plan import ConsumerPlan, durable_slug, plan_consumers, subjects_by_stream
 from listeners.pull import Pull, make_pull, quietly
 from listeners.stream_check import StreamNotReady, streams_check
@@ -59,16 +63,6 @@ logger = logging.getLogger("listeners.runner")
 
 #: Upper bound of the pause between two attempts at a batch the database refused.
 BATCH_RETRY_MAX = 5.0
-
-
-@dataclass
-class RunStats:
-    handled: int = 0
-    outcomes: dict[str, int] = field(default_factory=dict)
-
-    def add(self, decision: Decision) -> None:
-        self.handled += 1
-        self.outcomes[decision.outcome] = self.outcomes.get(decision.outcome, 0) + 1
 
 
 def apply_batch_after_check(deliveries: list[Delivery], *, check: bool) -> list[Decision]:
@@ -92,6 +86,8 @@ class ListenerRunner:
         reset: bool = False,
         fetch_timeout: float = 1.0,
         ack_wait: float | None = None,
+        health_file: str | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         self.listener_classes = listener_classes
         self.subjects = subjects
@@ -104,7 +100,12 @@ class ListenerRunner:
         self.fetch_timeout = fetch_timeout
         self.ack_wait = ack_wait
         self.stats = RunStats()
-        self.open_pull = listeners_settings().OPEN_PULL
+        conf = listeners_settings()
+        self.open_pull = conf.OPEN_PULL
+        health_file = health_file or conf.HEALTH_FILE
+        self.health = HealthFile(health_file) if health_file else None
+        self.metrics_port = conf.METRICS_PORT if metrics_port is None else metrics_port
+        self.metrics_addr = conf.METRICS_ADDR
         self._stop = asyncio.Event()
         self._last_activity = time.monotonic()
         self._batches = 0
@@ -173,13 +174,26 @@ class ListenerRunner:
         return make_pull(self.nc, psub, expires=self.fetch_timeout, prefer_open=self.open_pull)
 
     async def run(self) -> RunStats:
+        if self.health:
+            self.health.start()
+        if self.metrics_port:
+            metrics.serve(self.metrics_port, self.metrics_addr)
         js = await self.connect()
+        if self.health:
+            self.health.plan([plan.durable for plan in self.plans])
+        sampler = None
         try:
+            if self.metrics_port:
+                consumers = [(plan.stream, plan.durable) for plan in self.plans]
+                sampler = asyncio.create_task(metrics.sample_lag(js, consumers, self._stop))
             tasks = [asyncio.create_task(self._consume(js, plan)) for plan in self.plans]
             await asyncio.gather(*tasks)
         finally:
-            if self._stop_task is not None:
-                self._stop_task.cancel()
+            for task in (self._stop_task, sampler):
+                if task is not None:
+                    task.cancel()
+            if self.health:
+                self.health.stopped()
             await self.close()
             await sync_to_async(connections.close_all, thread_sensitive=True)()
         return self.stats
@@ -206,6 +220,7 @@ class ListenerRunner:
         failures = 0
         try:
             while not self._done():
+                self._turn(plan)
                 want = max(self._want(0), 1)
                 try:
                     msgs = await pull.next_batch(want, wait=self._wait_limit(), stop=self._stop_waiter())
@@ -235,6 +250,13 @@ class ListenerRunner:
                 self._last_activity = time.monotonic()
         finally:
             await self.hand_back(pull, plan)
+
+    def _turn(self, plan: ConsumerPlan) -> None:
+        """A turn of a consumer's loop: the liveness signal (health file) and the LOOP_TURN hooks."""
+        if self.health:
+            connected = self.nc is not None and self.nc.is_connected
+            self.health.turn(plan.durable, connected=connected, stopping=self.stopping)
+        call_hooks(LOOP_TURN, durable=plan.durable)
 
     def _want(self, in_hand: int) -> int:
         """The next batch's size: ``--batch``, or what is left of ``--max-messages`` beside the messages in hand."""
@@ -273,6 +295,7 @@ class ListenerRunner:
             logger.info("listener.handed_back durable=%s messages=%d", plan.durable, returned)
 
     async def _process(self, plan: ConsumerPlan, msgs: list[Msg], pull: Pull) -> None:
+        arrived = time.monotonic()
         names = plan.event_names  # NATS subject -> event name, filled as subjects are met
         deliveries = []
         for msg in msgs:
@@ -292,9 +315,11 @@ class ListenerRunner:
                     plan.listeners.get(name),
                 )
             )
+        call_hooks(BEFORE_APPLY, durable=plan.durable, messages=len(msgs))
         decisions = await self._apply_until_committed(plan, msgs, deliveries, pull)
         if decisions is None:
             return
+        committed_at = time.time()
         self._batches += 1
         call_hooks(AFTER_COMMIT, batches=self._batches, durable=plan.durable, messages=len(msgs))
         stats = self.stats
@@ -311,6 +336,8 @@ class ListenerRunner:
                 logger.debug("listener.ack_failed error=%s", exc)
             if action != NAK:
                 stats.add(decision)
+        if self.metrics_port:
+            metrics.observe_batch(plan.durable, msgs, deliveries, decisions, arrived=arrived, committed_at=committed_at)
 
     async def _apply_until_committed(
         self, plan: ConsumerPlan, msgs: list[Msg], deliveries: list[Delivery], pull: Pull

@@ -14,6 +14,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from listeners.beat import beat_schedule as listeners_beat_schedule
 from outbox.beat import beat_schedule
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -238,7 +239,7 @@ for _key, _type in {
 LISTENERS: dict = {}
 
 # The relay's tasks route themselves to OUTBOX['CELERY_QUEUE']; beat gets its entries from one helper.
-CELERY_BEAT_SCHEDULE = beat_schedule(OUTBOX)
+CELERY_BEAT_SCHEDULE = {**beat_schedule(OUTBOX), **listeners_beat_schedule(LISTENERS, queue=OUTBOX["CELERY_QUEUE"])}
 
 # --- Logging --------------------------------------------------------------------------
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")

@@ -207,7 +207,7 @@ def test_sigterm_mid_run_exits_0_and_a_restart_applies_every_event_exactly_once(
     messages = tickets(250, 20)  # 5,000 events
     publish(messages)
 
-    proc = start_listener(*BOTH, "--batch", "50", log=tmp_path / "1.log")
+    proc = start_listener(*BOTH, "--batch", "50", "--ack-wait", "120", log=tmp_path / "1.log")
     wait_for(lambda: InboxEntry.objects.count() >= 300, timeout=120, what="the listener to apply some events")
     # The signal arrives while a batch is inside its transaction (held at its inbox INSERT):
     # that batch must still commit and be acked, and nothing after it fetched.
@@ -224,7 +224,7 @@ def test_sigterm_mid_run_exits_0_and_a_restart_applies_every_event_exactly_once(
     assert applied_before < len(messages), "stopped too late to test anything; publish more"
 
     # Everything the stopped process held was acked or handed back, so nothing waits for the
-    # consumer's ack_wait (30 s): a restart that gives up after 6 idle seconds still gets it all.
+    # consumer's ack_wait (120 s here): a restart that gives up after 6 idle seconds still gets it all.
     restarted = start_listener(*BOTH, "--batch", "50", "--idle-exit", "6", log=tmp_path / "2.log")
     assert restarted.wait(150) == 0
     assert InboxEntry.objects.count() == len(messages)
@@ -522,7 +522,7 @@ def test_a_connection_ended_while_the_listener_was_idle_is_replaced_before_the_n
 
 
 def test_stopping_hands_back_messages_a_late_pull_left_in_the_client_buffer():
-    """A pull can deliver after the last batch was taken; unacked, those would wait ack_wait (30 s) for anyone."""
+    """A pull can deliver after the last batch was taken; unacked, those would wait ack_wait (120 s) for anyone."""
     import asyncio
     import json
 
@@ -533,7 +533,7 @@ def test_stopping_hands_back_messages_a_late_pull_left_in_the_client_buffer():
     publish([ticket("t1", 0), ticket("t2", 0), ticket("t3", 0)])
 
     async def scenario() -> list[int]:
-        runner = ListenerRunner(listeners_for(list(BOTH)), subjects=list(BOTH))
+        runner = ListenerRunner(listeners_for(list(BOTH)), subjects=list(BOTH), ack_wait=120)
         js = await runner.connect()
         plan = runner.plans[0]
         psub = await js.pull_subscribe_bind(durable=plan.durable, stream=plan.stream)

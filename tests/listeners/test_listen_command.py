@@ -79,7 +79,7 @@ def test_ack_wait_option_updates_the_existing_durable():
 
     publish([ticket("t1", 0)])
     call_command("listen", *BOTH, "--max-messages", "1", stdout=io.StringIO())
-    assert consumer_info().config.ack_wait == 30.0
+    assert consumer_info().config.ack_wait == 5.0
     publish([ticket("t1", 1)])
     call_command("listen", *BOTH, "--max-messages", "1", "--ack-wait", "7", stdout=io.StringIO())
     assert consumer_info().config.ack_wait == 7.0

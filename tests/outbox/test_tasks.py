@@ -60,8 +60,9 @@ def test_the_beat_helper_gives_the_sweep_and_the_purge_on_the_outbox_queue():
         "schedule": 600.0,
         "options": {"queue": "outbox"},
     }
-    # The example project uses it with its own OUTBOX dict.
-    assert beat_schedule(settings.OUTBOX) == settings.CELERY_BEAT_SCHEDULE
+    # The example project uses it with its own OUTBOX dict (beside the listeners' entries).
+    ours = {name: entry for name, entry in settings.CELERY_BEAT_SCHEDULE.items() if name.startswith("outbox-")}
+    assert beat_schedule(settings.OUTBOX) == ours
 
 
 def test_a_worker_of_the_relay_queue_with_a_pool_other_than_solo_refuses_with_one_line():

@@ -39,6 +39,18 @@ class Command(BaseCommand):
             help="seconds JetStream waits for an ack before redelivering (default: the listeners' ack_wait); "
             "applied to the durable consumer, i.e. to every process of the group",
         )
+        parser.add_argument(
+            "--health-file",
+            metavar="PATH",
+            help="rewrite PATH with this process's status every loop turn, for probes (listeners_health PATH); "
+            "default: LISTENERS['HEALTH_FILE']",
+        )
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            metavar="PORT",
+            help="serve Prometheus metrics on this port (0: none; default: LISTENERS['METRICS_PORT'])",
+        )
 
     def handle(self, *args, **options) -> None:
         subjects: list[str] = options["subjects"]
@@ -52,6 +64,8 @@ class Command(BaseCommand):
             raise CommandError("--idle-exit must be a positive number of seconds")
         if options["ack_wait"] is not None and not 0.5 <= options["ack_wait"] <= 86400:
             raise CommandError("--ack-wait must be between 0.5 and 86400 seconds")
+        if options["metrics_port"] is not None and not 0 <= options["metrics_port"] <= 65535:
+            raise CommandError("--metrics-port must be a port number (0: no metrics endpoint)")
         try:
             classes = listeners_for(subjects, group=options["group"])
         except ListenerError as exc:
@@ -67,6 +81,8 @@ class Command(BaseCommand):
                 from_start=options["from_start"],
                 reset=options["reset"],
                 ack_wait=options["ack_wait"],
+                health_file=options["health_file"],
+                metrics_port=options["metrics_port"],
             )
             stats = asyncio.run(self._run(runner))
         except (ListenerError, OutboxError) as exc:
