@@ -23,7 +23,7 @@ from listeners.base import VersionedReplicaListener
 from listeners.delivery import Delivery
 from listeners.models import DeadLetter, InboxEntry
 from tests import helpers
-from tests.listeners.conftest import REPLICA
+from tests.listeners.helpers import REPLICA
 from ticketing.replica.handlers import TicketCreatedListener, TicketUpdatedListener
 from ticketing.replica.models import TicketReplica
 

@@ -22,7 +22,7 @@ from listeners.models import InboxEntry
 from outbox.streams import stream_name
 from tests import helpers
 from tests.helpers import read_stream, stop, wait_for
-from tests.listeners.conftest import (
+from tests.listeners.helpers import (
     REPLICA,
     consumer_info,
     event_id,
@@ -565,7 +565,7 @@ def test_stopping_hands_back_messages_still_on_the_way_from_an_open_pull():
     from listeners.pull import OpenPull
     from listeners.registry import listeners_for
     from listeners.runner import ListenerRunner
-    from tests.listeners.conftest import _with_js
+    from tests.listeners.helpers import _with_js
 
     publish([ticket("t1", 0), ticket("t2", 0), ticket("t3", 0)])
 

@@ -19,7 +19,7 @@ import pytest
 
 from listeners.models import InboxEntry
 from tests.helpers import PYTHON, ROOT, stop, wait_for
-from tests.listeners.conftest import (
+from tests.listeners.helpers import (
     REPLICA,
     consumer_info,
     event_id,

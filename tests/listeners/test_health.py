@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import stop, wait_for
-from tests.listeners.conftest import listener_env, publish, run_manage, setup_streams, start_listener, ticket
+from tests.listeners.helpers import listener_env, publish, run_manage, setup_streams, start_listener, ticket
 from ticketing.replica.models import TicketReplica
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("isolated_streams")]

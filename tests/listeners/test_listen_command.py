@@ -11,7 +11,7 @@ from django.core.management import CommandError, call_command
 
 from listeners.registry import known_subjects
 from tests.helpers import free_port
-from tests.listeners.conftest import event_id, listener_env, publish, run_manage, summary, ticket
+from tests.listeners.helpers import event_id, listener_env, publish, run_manage, summary, ticket
 from ticketing.replica.models import TicketReplica
 
 BOTH = ("ticket:created", "ticket:updated")
@@ -75,7 +75,7 @@ def test_each_event_is_logged_on_one_structured_line_and_idle_exit_ends_the_run(
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("isolated_streams")
 def test_ack_wait_option_updates_the_existing_durable():
-    from tests.listeners.conftest import consumer_info
+    from tests.listeners.helpers import consumer_info
 
     publish([ticket("t1", 0)])
     call_command("listen", *BOTH, "--max-messages", "1", stdout=io.StringIO())

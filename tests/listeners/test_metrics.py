@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import free_port, stop, wait_for
-from tests.listeners.conftest import REPLICA, message, publish, run_manage, setup_streams, start_listener, ticket
+from tests.listeners.helpers import REPLICA, message, publish, run_manage, setup_streams, start_listener, ticket
 from ticketing.replica.models import TicketReplica
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("isolated_streams")]

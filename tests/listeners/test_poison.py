@@ -24,7 +24,7 @@ from listeners.registry import listener, unregister
 from listeners.replay import dead_letter_replay
 from outbox.contracts import MAX_PAYLOAD_BYTES, Event, contract, registry
 from outbox.streams import stream_name
-from tests.listeners.conftest import (
+from tests.listeners.helpers import (
     REPLICA,
     event_id,
     message,

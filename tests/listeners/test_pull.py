@@ -19,7 +19,7 @@ from listeners.models import InboxEntry
 from listeners.pull import FetchPull, OpenPull, open_pull_missing
 from listeners.registry import listeners_for
 from listeners.runner import ListenerRunner
-from tests.listeners.conftest import REPLICA, event_id, publish, settled, summary, ticket
+from tests.listeners.helpers import REPLICA, event_id, publish, settled, summary, ticket
 from ticketing.replica.models import TicketReplica
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("isolated_streams")]

@@ -19,7 +19,7 @@ from listeners.models import DeadLetter
 from listeners.stream_check import subject_matches
 from outbox.contracts import registry
 from outbox.streams import nats_subject, stream_name
-from tests.listeners.conftest import _with_js, consumer_info, publish, run_manage, summary, ticket
+from tests.listeners.helpers import _with_js, consumer_info, publish, run_manage, summary, ticket
 from ticketing.replica.models import TicketReplica
 
 pytestmark = pytest.mark.usefixtures("isolated_streams")

@@ -25,7 +25,7 @@ from outbox.reconcile import parse_since
 from outbox.relay import Relay
 from outbox.streams import stream_name
 from tests.helpers import stop, wait_for
-from tests.listeners.conftest import settled, start_listener
+from tests.listeners.helpers import settled, start_listener
 from ticketing.replica.models import TicketReplica
 from ticketing.services import ticket_create, ticket_update
 from ticketing.verify import verify
