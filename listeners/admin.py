@@ -31,7 +31,7 @@ from outbox.admin import ReadOnlyAdminMixin, badge, pretty_json
 from outbox.contracts import registry
 from outbox.errors import InvalidPayloadError, UnknownSubjectError
 
-DEAD_LETTER_TONES = {DeadLetterStatus.DEAD: "error", DeadLetterStatus.REPLAYED: "success"}
+DEAD_LETTER_TONES: dict[str, str] = {DeadLetterStatus.DEAD: "error", DeadLetterStatus.REPLAYED: "success"}
 #: Failures listed one by one in the replay report; the rest are counted.
 REPORTED_FAILURES = 10
 
@@ -348,7 +348,7 @@ class CappedCountPaginator(Paginator):
 
     @property
     def count(self) -> int:
-        return self.object_list[: self.cap].count()
+        return self.object_list[: self.cap].count()  # type: ignore[attr-defined]  # a QuerySet here
 
 
 @admin.register(InboxEntry)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from django.db import DataError, IntegrityError, transaction
 
@@ -206,7 +206,7 @@ def _apply_group_as_set(group: Any, items: list[_Pending], applied: Applied, *, 
             raise RuntimeError(f"handle_batch returned {len(outcomes)} outcomes for {len(items)} events")
         if not read and any(_is_exception_outcome(outcome) for outcome in outcomes):
             raise _ReadInboxFirst
-        inbox_record_set([(item.delivery, item.event_id, outcome or "applied")
+        inbox_record_set([(item.delivery, item.event_id, cast(str, outcome) or "applied")
                           for item, outcome in zip(items, outcomes, strict=True)
                           if not _is_exception_outcome(outcome)])  # fmt: skip
     except _ReadInboxFirst:
@@ -222,7 +222,7 @@ def _apply_group_as_set(group: Any, items: list[_Pending], applied: Applied, *, 
             item.decision = _decide_handler_error(listener_cls, item.ctx, item.delivery, applied, outcome)  # type: ignore[arg-type]
         else:
             applied.add((item.delivery.consumer, item.event_id))
-            item.decision = Decision(ACK, outcome or "applied")
+            item.decision = Decision(ACK, cast(str, outcome) or "applied")
         item.decision.ms = (started - item.started) * 1000 + share
 
 

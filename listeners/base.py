@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from django.db import connection, models
 from django.utils import timezone
@@ -114,7 +114,8 @@ class Listener:
         The instance whose ``handle_batch`` is called is of the group's first class met in
         the batch, so listeners sharing a group must accept each other's events there.
         """
-        return cls if cls.handle_batch is not Listener.handle_batch else None
+        group = cast(Hashable, cls) if cls.handle_batch is not Listener.handle_batch else None
+        return group
 
     def reset(self) -> int:
         """Forget the local state this listener built (``listen --from-start --reset``)."""
@@ -251,7 +252,7 @@ class VersionedReplicaListener(Listener):
     def _write(self, created: list[tuple[Any, Event]], changed: list[tuple[Any, Event]]) -> None:
         """One INSERT for the new rows, one UPDATE for the locked ones; rows in key order."""
         meta = self.model._meta
-        version = meta.get_field(self.version_field)
+        version = cast(models.Field, meta.get_field(self.version_field))
         if created:
             objs = [
                 self.model(pk=key, **{version.attname: self.replica_version(e)}, **self.replica_fields(e))
@@ -331,24 +332,24 @@ def _columns(fields: list[models.Field], objs: list[models.Model], *, add: bool)
             values = [f.get_db_prep_save(now, connection)] * len(objs)  # one instant for the whole statement
         else:
             values = [f.get_db_prep_save(f.pre_save(obj, add), connection) for obj in objs]
-        columns.append((f.column, f.cast_db_type(connection), values))
+        columns.append((f.column, f.cast_db_type(connection), values))  # type: ignore[attr-defined]
     return columns
 
 
 def lock_versions(model: type[models.Model], version_field: str, keys: set[Any]) -> dict[Any, int]:
     """``SELECT pk, version ... WHERE pk = ANY(keys) ORDER BY pk FOR UPDATE``: the held versions, rows locked."""
     if connection.vendor != "postgresql":  # SQLite (the demo): the ORM; the write lock serialises anyway
-        rows = model.objects.select_for_update().filter(pk__in=keys).order_by("pk").values_list("pk", version_field)
+        rows = model._default_manager.select_for_update().filter(pk__in=keys).order_by("pk").values_list("pk", version_field)
         return dict(rows)
     qn = connection.ops.quote_name
     meta = model._meta
-    pk = meta.pk
-    version = meta.get_field(version_field)
+    pk = cast(models.Field, meta.pk)
+    version = cast(models.Field, meta.get_field(version_field))
     values = [pk.get_db_prep_value(key, connection) for key in sorted(keys)]
     with set_cursor() as cursor:
         cursor.execute(
             f"SELECT {qn(pk.column)}, {qn(version.column)} FROM {qn(meta.db_table)} "  # noqa: S608 - names from the model
-            f"WHERE {qn(pk.column)} = ANY(%s::{pk.cast_db_type(connection)}[]) ORDER BY {qn(pk.column)} FOR UPDATE",
+            f"WHERE {qn(pk.column)} = ANY(%s::{pk.cast_db_type(connection)}[]) ORDER BY {qn(pk.column)} FOR UPDATE",  # type: ignore[attr-defined]
             [values],
         )
         return {pk.to_python(key): held for key, held in cursor.fetchall()}
@@ -357,9 +358,9 @@ def lock_versions(model: type[models.Model], version_field: str, keys: set[Any])
 def _insert_new(model: type[models.Model], fields: list[models.Field], objs: list[models.Model]) -> int:
     """INSERT ... ON CONFLICT DO NOTHING; returns how many rows were really inserted."""
     if connection.vendor != "postgresql":
-        before = model.objects.filter(pk__in=[o.pk for o in objs]).count()
-        model.objects.bulk_create(objs, ignore_conflicts=True)
-        return model.objects.filter(pk__in=[o.pk for o in objs]).count() - before
+        before = model._default_manager.filter(pk__in=[o.pk for o in objs]).count()
+        model._default_manager.bulk_create(objs, ignore_conflicts=True)
+        return model._default_manager.filter(pk__in=[o.pk for o in objs]).count() - before
     qn = connection.ops.quote_name
     exprs, source, params = rows_source(_columns(fields, objs, add=True))
     with set_cursor() as cursor:
@@ -375,7 +376,7 @@ def _update_locked(model: type[models.Model], fields: list[models.Field], objs: 
     """UPDATE ... FROM unnest(...) of rows this transaction holds locked; ``fields[0]`` is the key."""
     if connection.vendor != "postgresql":  # SQLite (the demo): one UPDATE per row, auto_now included
         return sum(
-            model.objects.filter(pk=obj.pk).update(**{f.attname: f.pre_save(obj, False) for f in fields[1:]})
+            model._default_manager.filter(pk=obj.pk).update(**{f.attname: f.pre_save(obj, False) for f in fields[1:]})
             for obj in objs
         )
     qn = connection.ops.quote_name

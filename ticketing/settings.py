@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -197,7 +198,7 @@ NATS = {
 
 # --- Outbox ---------------------------------------------------------------------------
 # Every key and its default is documented in outbox/conf.py and the README.
-OUTBOX = {
+OUTBOX: dict[str, Any] = {
     "SUBJECT_PREFIX": os.environ.get("OUTBOX_SUBJECT_PREFIX", ""),
     "STREAM_PREFIX": os.environ.get("OUTBOX_STREAM_PREFIX", ""),
     "STREAM_REPLICAS": int(os.environ.get("OUTBOX_STREAM_REPLICAS", "1")),
