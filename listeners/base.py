@@ -339,8 +339,8 @@ def _columns(fields: list[models.Field], objs: list[models.Model], *, add: bool)
 def lock_versions(model: type[models.Model], version_field: str, keys: set[Any]) -> dict[Any, int]:
     """``SELECT pk, version ... WHERE pk = ANY(keys) ORDER BY pk FOR UPDATE``: the held versions, rows locked."""
     if connection.vendor != "postgresql":  # SQLite (the demo): the ORM; the write lock serialises anyway
-        rows = model._default_manager.select_for_update().filter(pk__in=keys).order_by("pk").values_list("pk", version_field)
-        return dict(rows)
+        rows = model._default_manager.select_for_update().filter(pk__in=keys).order_by("pk")
+        return dict(rows.values_list("pk", version_field))
     qn = connection.ops.quote_name
     meta = model._meta
     pk = cast(models.Field, meta.pk)
