@@ -42,6 +42,8 @@ PYTHON = sys.executable
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.processes import stop as stop_group  # noqa: E402 - the tests' process control, shared
+
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -311,18 +313,7 @@ class Bench:
 
     def stop(self, proc: subprocess.Popen, *, timeout: float = 20.0, sig: int = signal.SIGTERM) -> int | None:
         """Stop a child started by this run (its whole process group), harder if it does not listen."""
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout)
+        stop_group(proc, sig=sig, timeout=timeout)
         out = getattr(proc, "_bench_log", None)
         if out is not None and not out.closed:
             out.close()

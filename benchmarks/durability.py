@@ -24,7 +24,6 @@ from __future__ import annotations
 import shutil
 import socket
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -32,6 +31,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import PYTHON, Bench, log, quick_parser, read_payloads, run, summary_row
 from benchmarks.relay_throughput import drain, prepare_backlog, raw_ceiling
+from tests.processes import free_port, wait_for
 
 
 def nats_server_binary() -> str:
@@ -46,24 +46,22 @@ def nats_server_binary() -> str:
 
 def start_server(bench: Bench, *, sync: str | None) -> str:
     """A private nats-server with JetStream on a free loopback port; returns its URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     store = bench.tmp / f"nats-{sync or 'default'}"
     store.mkdir()
     config = bench.tmp / f"nats-{sync or 'default'}.conf"
     sync_line = f"  sync_interval: {sync}\n" if sync else ""
     config.write_text(f'listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: "{store}"\n{sync_line}}}\n')
     bench.spawn([nats_server_binary(), "-c", str(config)], name=f"nats-{sync or 'default'}")
-    deadline = time.monotonic() + 20
-    while True:
+
+    def answers() -> bool:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
+                return True
         except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nats-server ({sync or 'default'}) did not start") from None
-            time.sleep(0.05)
+            return False
+
+    wait_for(answers, timeout=20, what=f"nats-server ({sync or 'default'})")
     return f"nats://127.0.0.1:{port}"
 
 
