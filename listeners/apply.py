@@ -211,7 +211,7 @@ def _apply_group_as_set(group: Any, items: list[_Pending], applied: Applied, *, 
                           if not _is_exception_outcome(outcome)])  # fmt: skip
     except _ReadInboxFirst:
         raise
-    except Exception as exc:  # noqa: BLE001 - the per-message path sorts out which event it was
+    except Exception as exc:  # the per-message path sorts out which event it was
         ensure_connected(exc)
         if not read:
             raise _ReadInboxFirst from exc
@@ -269,7 +269,7 @@ def _decode_or_decide(delivery: Delivery, applied: Applied | None, *, read: bool
         contract = registry.get(delivery.event_name)
         item.event = contract.decode(delivery.data)
         item.version = getattr(item.event, contract.version_field, None) if contract.version_field else None
-    except Exception as exc:  # noqa: BLE001 - whatever the bytes do to the decoder, the message is invalid
+    except Exception as exc:  # whatever the bytes do to the decoder, the message is invalid
         if not read:
             raise _ReadInboxFirst from exc
         # A message that can never be valid is dead-lettered and terminated at once.

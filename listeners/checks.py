@@ -10,7 +10,7 @@ from listeners.conf import listeners_settings, settings_problems, unknown_keys
 
 
 @register()
-def check_listeners_settings(app_configs=None, **kwargs):  # noqa: ARG001
+def check_listeners_settings(app_configs=None, **kwargs):
     unknown = unknown_keys()
     if unknown:
         return [

@@ -115,7 +115,7 @@ async def connect(*, name: str = "", conf: NatsSettings | None = None, **overrid
         raise PublishError(f"cannot connect to NATS at {servers}: {_refusal(why, seen)}")
     try:
         nc = attempt.result()
-    except Exception as exc:  # noqa: BLE001 - nats-py raises several unrelated types here
+    except Exception as exc:  # nats-py raises several unrelated types here
         raise PublishError(f"cannot connect to NATS at {servers}: {_refusal(exc, seen)}") from exc
     nc.options["max_reconnect_attempts"] = reconnects
     return nc
@@ -212,7 +212,7 @@ class Broker:
         if self._thread.is_alive():
             try:
                 asyncio.run_coroutine_threadsafe(_close(), self._loop).result(5)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.debug("closing NATS failed", exc_info=True)
             self._loop.call_soon_threadsafe(self._loop.stop)
 

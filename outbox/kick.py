@@ -129,7 +129,7 @@ def clear_kick_flag() -> None:
         return
     try:
         client.delete(_flag_key())
-    except Exception:  # noqa: BLE001 - Redis down only costs a redundant kick
+    except Exception:  # Redis down only costs a redundant kick
         logger.debug("could not clear the kick flag", exc_info=True)
 
 
@@ -194,7 +194,7 @@ class _Kicker:
         while True:
             try:
                 self._take_and_kick(self._asks.get())
-            except BaseException:  # noqa: BLE001 - _enqueue never raises; keep the thread whatever happens
+            except BaseException:  # _enqueue never raises; keep the thread whatever happens
                 logger.exception("relay kick crashed")
 
     def _take_and_kick(self, first: threading.Event | None = None) -> None:

@@ -85,5 +85,5 @@ class Wakeups:
     def close(self) -> None:
         try:
             self._pubsub.close()
-        except Exception:  # noqa: BLE001 - the connection may be gone already
+        except Exception:  # the connection may be gone already
             logger.debug("closing the wake-up subscription failed", exc_info=True)

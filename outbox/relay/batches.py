@@ -89,7 +89,7 @@ class BatchSteps:
         try:
             with cursor() as cur:
                 self.partitions.leave(cur)
-        except Exception:  # noqa: BLE001 - a broken session released its locks when it ended
+        except Exception:  # a broken session released its locks when it ended
             logger.debug("outbox.leave_failed", exc_info=True)
             self.partitions.forget()
 
@@ -190,7 +190,7 @@ class BatchSteps:
                 return self.broker.result(batch.future, timeout=max(0.0, batch.deadline - time.monotonic()))
             except (PublishError, OutboxError, OSError) as exc:
                 error = exc
-            except Exception as exc:  # noqa: BLE001 - nats-py raises assorted types when it cannot connect
+            except Exception as exc:  # nats-py raises assorted types when it cannot connect
                 logger.warning("outbox.publish_failed error=%r", exc, exc_info=True)
                 error = exc
         # NATS unreachable: the head of each aggregate carries the failure and backs off.

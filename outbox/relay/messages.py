@@ -19,7 +19,7 @@ from outbox.relay.rows import ClaimedRow
 from outbox.streams import nats_subject
 
 
-class PublishRejected(Exception):  # noqa: N818 - a verdict, not a crash
+class PublishRejected(Exception):  # a verdict, not a crash
     """The message can never be published as it is (too large, bad header): retrying cannot help."""
 
 

@@ -146,7 +146,7 @@ class JetStreamPublisher:
                             _warned.add(problem)
                             logger.warning("outbox.wire_publish_off reason=%s; using Client.publish", problem)
                     else:
-                        publisher._answer_from_the_parser(sub._id)  # noqa: SLF001 - checked just above
+                        publisher._answer_from_the_parser(sub._id)  # checked just above
                         publisher.wire = True
             except BaseException as exc:
                 del _publishers[nc]
@@ -192,7 +192,7 @@ class JetStreamPublisher:
         there and everything else goes on as before.
         """
         nc = self._nc
-        original = nc._process_msg  # noqa: SLF001 - checked by wire_path_problem
+        original = nc._process_msg  # checked by wire_path_problem
         answer = self._answer
 
         async def _process_msg(msg_sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
@@ -202,7 +202,7 @@ class JetStreamPublisher:
             answer(subject.decode(), data, status)
             return None
 
-        nc._process_msg = _process_msg  # type: ignore[method-assign,assignment]  # noqa: SLF001
+        nc._process_msg = _process_msg  # type: ignore[method-assign,assignment]
 
     @property
     def connected(self) -> bool:
@@ -235,8 +235,8 @@ class JetStreamPublisher:
             payload,
         )
         nc = self._nc
-        nc._pending.append(command)  # noqa: SLF001 - checked by wire_path_problem
-        nc._pending_data_size += len(command)  # noqa: SLF001
+        nc._pending.append(command)  # checked by wire_path_problem
+        nc._pending_data_size += len(command)
 
     async def send(self, subject: str, reply: str, payload: bytes, headers: dict[str, str]) -> None:
         """Publish one message through nats-py's public API (it flushes by itself)."""
@@ -245,7 +245,7 @@ class JetStreamPublisher:
     async def flush(self) -> None:
         """Have nats-py write what :meth:`queue` appended."""
         if self.wire and self._nc.is_connected:
-            await self._nc._flush_pending()  # noqa: SLF001 - checked by wire_path_problem
+            await self._nc._flush_pending()  # checked by wire_path_problem
 
     def forget(self, reply: str) -> None:
         """Stop waiting for an answer (the caller gave up on it)."""

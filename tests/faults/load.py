@@ -16,7 +16,7 @@ import time
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ticketing.settings")
 os.environ.setdefault("DJANGO_DEV", "1")
 
-import django  # noqa: E402
+import django
 
 django.setup()
 

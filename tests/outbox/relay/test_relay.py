@@ -211,7 +211,7 @@ def test_celery_worker_publishes_on_commit_using_one_nats_connection_per_process
                 timeout=60,
                 what=f"event {n} published by the worker",
             )
-        with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/connz") as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/connz") as response:  # loopback
             connz = json.load(response)
         relay_connections = [c for c in connz["connections"] if c.get("name", "").startswith("outbox-relay")]
         assert len(relay_connections) == 1, connz["connections"]
