@@ -40,6 +40,7 @@ test-cluster: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	DJANGO_DEV=1 $(VENV)/bin/mypy
 	DJANGO_DEV=1 $(PY) manage.py outbox_schema --check ticketing/contracts.json
 
 format: install

@@ -343,7 +343,7 @@ def lock_versions(model: type[models.Model], version_field: str, keys: set[Any])
         return dict(rows.values_list("pk", version_field))
     qn = connection.ops.quote_name
     meta = model._meta
-    pk = cast(models.Field, meta.pk)
+    pk = meta.pk
     version = cast(models.Field, meta.get_field(version_field))
     values = [pk.get_db_prep_value(key, connection) for key in sorted(keys)]
     with set_cursor() as cursor:

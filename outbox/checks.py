@@ -18,7 +18,7 @@ from outbox.contracts import registry
 
 
 @register()
-def check_outbox_settings(app_configs=None, **kwargs):
+def check_outbox_settings(app_configs=None, **kwargs) -> list[CheckMessage]:
     errors: list[CheckMessage] = []
     bad = unknown_keys()
     if bad:
