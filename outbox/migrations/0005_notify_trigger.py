@@ -1,7 +1,8 @@
 """PostgreSQL wakes the relay: a statement-level trigger on the outbox table sends a NOTIFY on the
 channel the relay loop LISTENs on (outbox/relay/notify.py). PostgreSQL delivers it when the
 writer's transaction commits, folds identical ones of a transaction into one, and costs the
-writer no round trip. SQLite has no NOTIFY: nothing to do there (its relay is kicked)."""
+writer no round trip. SQLite has no NOTIFY (its relay is kicked); there this migration puts back the
+trigger that fills ``seq`` (migration 0002), which the table rebuild of 0004 dropped."""
 
 from django.db import migrations
 
@@ -21,9 +22,19 @@ DROP FUNCTION IF EXISTS outbox_notify_pending();
 """
 
 
+SQLITE_SEQ = (
+    "CREATE TRIGGER IF NOT EXISTS outbox_seq_from_rowid AFTER INSERT ON outbox_outboxevent "
+    "BEGIN UPDATE outbox_outboxevent SET seq = NEW.rowid WHERE rowid = NEW.rowid; END"
+)
+
+
 def create(apps, schema_editor):
     if schema_editor.connection.vendor == "postgresql":
         schema_editor.execute(CREATE)
+    elif schema_editor.connection.vendor == "sqlite":
+        schema_editor.execute(SQLITE_SEQ)
+        # A row written while the trigger was missing kept seq 0 (the next one could not be written).
+        schema_editor.execute("UPDATE outbox_outboxevent SET seq = rowid WHERE seq = 0")
 
 
 def drop(apps, schema_editor):
