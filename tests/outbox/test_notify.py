@@ -24,9 +24,8 @@ def published() -> int:
     return OutboxEvent.objects.filter(status="published").count()
 
 
-def listening_sessions() -> list[int]:
-    """Backends of this database (other than ours) whose last statement was the relay loop's LISTEN
-    or that hold the relay's advisory locks: the worker's sessions."""
+def worker_sessions() -> list[int]:
+    """Every other client session of this test's database: the worker's (its LISTEN session among them)."""
     with connection.cursor() as cur:
         cur.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
@@ -94,7 +93,7 @@ def test_a_lost_wake_up_waits_at_most_the_loops_poll(logs, no_kicks):
         wait_for(lambda: published() == 1, timeout=60, what="the first event published")
         # The worker's sessions end (the LISTEN one among them) and a commit lands right away.
         with connection.cursor() as cur:
-            for pid in listening_sessions():
+            for pid in worker_sessions():
                 cur.execute("SELECT pg_terminate_backend(%s)", [pid])
         ticket_update(ticket_id=ticket.id, expected_version=0, price="5")
         wait_for(lambda: published() == 2, timeout=60, what="the commit after the LISTEN session was terminated")
