@@ -310,14 +310,15 @@ def test_outbox_status_json_reports_backlog_and_streams(capsys):
 
 
 def test_kick_with_redis_unreachable_does_not_raise_and_the_write_commits(settings):
-    from django.test import override_settings
-
     import outbox.kick
+    from tests.outbox.test_kick import celery_broker
 
     settings.OUTBOX = {**settings.OUTBOX, "WAKE": "kick"}
     outbox.kick._local.__dict__.clear()
     try:
-        with override_settings(CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0"):
+        # The kick uses the Celery app's broker (whose CELERY_BROKER_URL environment variable wins
+        # over Django's settings), so the app itself is pointed at a port nobody listens on.
+        with celery_broker(f"redis://127.0.0.1:{free_port()}/0"):
             assert kick_relay() is False
             ticket_create(title="still written", price="1", user_id="u")  # its on-commit kick fails quietly
     finally:
