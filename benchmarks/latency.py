@@ -8,7 +8,8 @@ Commands (full, then the smoke run of ``run_all.py --quick``)::
 In one isolated run (own database, stream prefix, Celery queue; see benchmarks/common.py):
 
 - **system**: a Celery relay worker (``celery -A ticketing worker --pool=solo -Q <queue>``, Redis
-  broker, kicked on commit as in production) and a listener (``manage.py listen ticket:created
+  broker; its relay loop woken by the outbox table's NOTIFY, as in production on PostgreSQL, or kicked
+  on commit with ``OUTBOX_WAKE=kick`` in the environment) and a listener (``manage.py listen ticket:created
   ticket:updated``) run as subprocesses. Writer threads in this process call
   ``ticketing.services.ticket_update`` at a steady rate R for D seconds (open loop: each update has
   its scheduled time; a writer that falls behind fires at once). The commit time of each update is
@@ -35,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -353,7 +355,7 @@ def body(bench: Bench, args) -> dict:
 
     def stamp_commit(sender, instance, **_kwargs) -> None:
         key = (str(instance.id), instance.version)
-        # Registered before emit() registers the relay kick, so it runs first after COMMIT.
+        # Registered before emit() registers a relay kick (WAKE=kick), so it runs first after COMMIT.
         transaction.on_commit(lambda: commits.__setitem__(key, time.time()))
 
     post_save.connect(stamp_commit, sender=Ticket, weak=False, dispatch_uid="bench-latency")
@@ -436,14 +438,15 @@ def body(bench: Bench, args) -> dict:
             "tickets": TICKETS,
             "writer_threads": {str(r): writer_threads(r) for r in rates},
             "listener_batch": args.listener_batch,
-            "relay": "celery worker --pool=solo, kicked on commit",
+            "relay": "celery worker --pool=solo, woken by OUTBOX['WAKE'] = " + os.environ.get("OUTBOX_WAKE", "notify"),
         },
         figures=figures,
         summary=summary,
         bound=(
             "stages (p50 at the first rate): relay "
-            f"{first['relay_stage_ms']['p50']:.1f} ms (commit -> published_at: on_commit kick, Redis, Celery "
-            f"dispatch, claim, publish, mark), listener {first['listener_stage_ms']['p50']:.1f} ms (published_at -> "
+            f"{first['relay_stage_ms']['p50']:.1f} ms (commit -> published_at: NOTIFY delivery to the worker's "
+            f"relay loop, or with WAKE=kick the on_commit kick, Redis and Celery dispatch; claim, publish, mark), "
+            f"listener {first['listener_stage_ms']['p50']:.1f} ms (published_at -> "
             f"inbox row: JetStream delivery to the open pull request, the wait for the batch before, then the "
             f"batch's database work up to its inbox INSERT; p99 {first['listener_stage_ms']['p99']:.1f} ms), then "
             f"{first['inbox_row_to_notified_ms']['p50']:.1f} ms from the inbox row to the commit's NOTIFY here (the "

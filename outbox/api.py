@@ -6,13 +6,13 @@ import contextvars
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, connections, models
 
 from outbox.contracts import Event, payload_from_event, plain_json
 from outbox.errors import NotInTransactionError, UnrelayedDatabaseError
-from outbox.kick import kick_relay_after_commit
+from outbox.kick import kick_relay_after_commit, kicks_on_commit
 from outbox.models import OutboxEvent
 
 _context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("outbox_event_context", default={})  # noqa: B039
@@ -51,8 +51,9 @@ def emit(
     ``using`` must be the default database: the relay reads that outbox only (UnrelayedDatabaseError).
     Raises NotInTransactionError outside ``transaction.atomic``, UnknownSubjectError
     for an unregistered event class, InvalidPayloadError for a payload that breaks
-    its contract. Nothing touches Redis or NATS here; the relay is kicked after commit, by
-    this process's kicker thread (outbox/kick.py), so the caller does not wait for Redis.
+    its contract. Nothing touches Redis or NATS here. On PostgreSQL (``WAKE = "notify"``) the
+    table's trigger sends a NOTIFY that PostgreSQL delivers at commit; otherwise the relay is kicked
+    after commit by this process's kicker thread (outbox/kick.py), so the caller does not wait for Redis.
     Returns the row; the columns the database fills (seq, created_at, next_attempt_at, republished) are
     deferred and load on first access.
     """
@@ -91,7 +92,8 @@ def emit(
         row = _insert(connection, using, fields)
     else:  # the SQLite demo: the ORM's INSERT, whose cost nobody measures there
         row = OutboxEvent.objects.using(using).create(**fields)
-    _kick_on_commit(connection)
+    if kicks_on_commit(connection.vendor):  # on PostgreSQL the outbox table's trigger NOTIFYs instead
+        _kick_on_commit(connection)
     return row
 
 
@@ -128,13 +130,14 @@ def _plan(connection: Any) -> _Plan:
         meta = OutboxEvent._meta
         q = connection.ops.quote_name
         # The _SET columns first (their parameters lead), then the defaults, in model order.
-        columns = [meta.get_field(name).column for name in _SET]
-        values = ["%s::jsonb" if meta.get_field(name).get_internal_type() == "JSONField" else "%s" for name in _SET]
+        set_fields = [cast(models.Field, meta.get_field(name)) for name in _SET]
+        columns = [f.column for f in set_fields]
+        values = ["%s::jsonb" if f.get_internal_type() == "JSONField" else "%s" for f in set_fields]
         known: list[Any] = []
         template: list[Any] = []
         callable_at = []
         for field in meta.concrete_fields:
-            if field.has_db_default():
+            if field.has_db_default():  # type: ignore[attr-defined]  # Django 5 API not in django-stubs
                 continue  # filled by the database; deferred on the instance
             value = None
             if field.name in _SET:

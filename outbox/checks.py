@@ -8,6 +8,7 @@ from django.core.checks import CheckMessage, Error, Warning, register
 
 from outbox.conf import (
     STREAM_LIMIT_KEYS,
+    WAKE_MODES,
     nats_settings,
     nats_unknown_keys,
     outbox_settings,
@@ -49,6 +50,14 @@ def check_outbox_settings(app_configs=None, **kwargs) -> list[CheckMessage]:
                 f"OUTBOX['OWNERSHIP'] is {conf.OWNERSHIP!r}.",
                 hint="Use 'partitions' (default) or 'leases' (behind a transaction-pooling proxy).",
                 id="outbox.E008",
+            )
+        )
+    if conf.WAKE not in WAKE_MODES:
+        errors.append(
+            Error(
+                f"OUTBOX['WAKE'] is {conf.WAKE!r}.",
+                hint="Use 'notify' (default: PostgreSQL wakes the relay loop), 'kick' (Redis) or 'sweep'.",
+                id="outbox.E014",
             )
         )
     if conf.PIPELINE_DEPTH < 1:

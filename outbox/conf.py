@@ -79,12 +79,19 @@ class OutboxSettings:
     CELERY_QUEUE: str = "outbox"
     #: Seconds between beat sweeps (the backstop for lost kicks).
     SWEEP_INTERVAL: float = 5.0
-    #: Kick the relay on commit (turn off to rely on the sweep alone).
+    #: Kick the relay on commit (turn off to rely on the sweep alone). Used when WAKE is "kick",
+    #: and by "notify" on a database without NOTIFY (SQLite).
     KICK_ON_COMMIT: bool = True
     #: Seconds between periodic ``outbox_reconcile`` runs by beat (0: off, the default), and how far
     #: back each looks (seconds or a timedelta; None: every retained published row).
     RECONCILE_INTERVAL: float = 0.0
     RECONCILE_WINDOW: timedelta | None = None
+    #: How a commit wakes the relay. "notify" (PostgreSQL): a trigger on the outbox table sends a
+    #: NOTIFY that PostgreSQL delivers at commit, and a relay loop in the Celery worker that LISTENs
+    #: drains at once (the write path pays only its INSERT); on a database without NOTIFY it acts
+    #: as "kick". "kick": the on-commit kick through Redis and a Celery task. "sweep": neither (the
+    #: beat sweep alone).
+    WAKE: str = "notify"
     #: Modules imported at start-up that register event contracts. None (the default): the
     #: ``events`` module of every installed app that has one (``myapp/events.py``).
     CONTRACT_MODULES: list[str] | None = None
@@ -97,6 +104,19 @@ class OutboxSettings:
 
 
 _KNOWN = {f.name for f in fields(OutboxSettings)}
+
+#: The values of ``OUTBOX['WAKE']``.
+WAKE_MODES = ("notify", "kick", "sweep")
+#: The channel the outbox table's trigger (migration 0005) notifies and the relay loop LISTENs on.
+NOTIFY_CHANNEL = "outbox_pending"
+
+
+def wake_mode(conf: OutboxSettings, vendor: str) -> str:
+    """How a commit wakes the relay on a database of ``vendor``: "notify" needs PostgreSQL and is
+    "kick" elsewhere (SQLite has no NOTIFY)."""
+    if conf.WAKE == "notify" and vendor != "postgresql":
+        return "kick"
+    return conf.WAKE
 
 
 def unknown_keys() -> list[str]:

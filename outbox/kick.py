@@ -27,9 +27,10 @@ from typing import Any
 
 from celery import current_app
 from django.core.signals import setting_changed
+from django.db import connection
 
 from outbox.celery_broker import redis_broker_url
-from outbox.conf import OutboxSettings, outbox_settings
+from outbox.conf import NOTIFY_CHANNEL, OutboxSettings, outbox_settings, wake_mode
 
 logger = logging.getLogger("outbox.kick")
 
@@ -103,7 +104,7 @@ def _set_flag(client: Any, key: str, wake: str = "") -> bool:
     # A forked child must not talk on its parent's socket: replies would cross.
     if cached is None or cached[0] is not client or cached[1] != (key, wake) or cached[2] != pid:
         connection = client.connection_pool.make_connection()
-        commands = [("SET", key, b"1", "NX", "PX", _FLAG_TTL_MS)]
+        commands: list[tuple[Any, ...]] = [("SET", key, b"1", "NX", "PX", _FLAG_TTL_MS)]
         if wake:
             commands.append(("PUBLISH", wake, b""))
         packed = connection.pack_commands(commands)
@@ -133,10 +134,26 @@ def clear_kick_flag() -> None:
         logger.debug("could not clear the kick flag", exc_info=True)
 
 
-def kick_relay() -> bool:
-    """Enqueue a relay task unless one is already queued. Never raises."""
+def kicks_on_commit(vendor: str) -> bool:
+    """Do commits on a database of ``vendor`` kick the relay (``WAKE`` "kick", or "notify" without NOTIFY)?"""
     conf = _settings()
-    if not conf.KICK_ON_COMMIT:
+    return conf.KICK_ON_COMMIT and wake_mode(conf, vendor) == "kick"
+
+
+def kick_relay() -> bool:
+    """Wake the relay: enqueue a relay task unless one is already queued (``WAKE`` "kick"), or send
+    the relay loop's NOTIFY (``WAKE`` "notify" on PostgreSQL: rows that became due without an
+    INSERT, e.g. requeued). Never raises."""
+    conf = _settings()
+    if wake_mode(conf, connection.vendor) == "notify":
+        try:
+            with connection.cursor() as cur:
+                cur.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
+            return True
+        except Exception as exc:  # noqa: BLE001 - the loop's own poll and the sweep are the backstop
+            logger.warning("relay notify failed (%s); the relay loop's poll will publish the event", exc)
+            return False
+    if not conf.KICK_ON_COMMIT or conf.WAKE == "sweep":
         return False
     return _enqueue(conf)
 
@@ -235,7 +252,7 @@ os.register_at_fork(after_in_child=_new_kicker_after_fork)
 
 def kick_relay_after_commit() -> None:
     """The on-commit hook of :func:`outbox.emit`: the kicker thread kicks the relay; never waits for Redis."""
-    if _settings().KICK_ON_COMMIT:
+    if kicks_on_commit(connection.vendor):
         _kicker.ask()
 
 

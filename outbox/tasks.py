@@ -1,4 +1,5 @@
-"""Celery tasks of the relay. Each worker process reuses one NATS connection."""
+"""Celery tasks of the relay, and the relay loop's bootstep installed on the current Celery app
+(outbox/bootsteps.py). Each worker process reuses one NATS connection."""
 
 from __future__ import annotations
 
@@ -6,15 +7,20 @@ import logging
 import time
 from typing import Any
 
-from celery import Task, shared_task
+from celery import Task, current_app, shared_task
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready
 from django.db import close_old_connections
 
+from outbox.bootsteps import install
 from outbox.conf import outbox_settings
 
 logger = logging.getLogger("outbox.tasks")
 
 _relay = None
+
+# A worker of the project's app (current when Django loads this module, which happens before the
+# worker builds its blueprint) runs the relay loop for as long as it lives.
+install(current_app)
 
 
 class OutboxTask(Task):

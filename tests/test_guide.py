@@ -3,7 +3,7 @@
 A fresh virtual environment gets the built wheel (and nothing of this checkout); a new
 Django project is generated with ``django-admin startproject``, its files written from
 the README's own snippets (the ``<!-- guide: ... -->`` blocks), migrated and run: the
-relay worker as the README starts it, driven by commit kicks alone (no beat), and
+relay worker as the README starts it, driven by commit wake-ups alone (no beat), and
 ``manage.py listen``. The project's own local model must end up with one row per event.
 """
 
@@ -178,7 +178,7 @@ def test_a_new_project_following_the_guide_publishes_and_applies_its_own_events(
     run([python, "manage.py", "migrate", "-v", "0"], cwd=home, env=env)
     assert "SHOP_ORDERS: created" in run([python, "manage.py", "outbox_streams"], cwd=home, env=env)
 
-    # The processes as the README starts them (beat left out: only commit kicks drive the relay here).
+    # The processes as the README starts them (beat left out: only commit wake-ups drive the relay here).
     readme = README.read_text()
     assert "celery -A shopsite worker --pool=solo -Q outbox --beat" in readme
     assert "python manage.py listen order:placed" in readme

@@ -221,6 +221,7 @@ for _key, _type in {
     "PIPELINE_DEPTH": int,
     "REBALANCE_SECONDS": float,
     "OWNERSHIP": str,
+    "WAKE": str,
     "WIRE_PUBLISH": bool,
     "METRICS_PORT": int,
     "METRICS_ADDR": str,

@@ -30,7 +30,7 @@ from outbox.relay.failures import transient
 from outbox.relay.leases import claim_leased_batch
 from outbox.relay.marks import mark_results
 from outbox.relay.messages import Subjects
-from outbox.relay.partitions import Partitions
+from outbox.relay.partitions import PARTITIONS, Partitions
 from outbox.relay.rows import BatchReport, ClaimedRow, PublishResult, chains_of
 from outbox.relay.transport import JetStreamPublisher
 from outbox.streams import ensure_streams
@@ -118,7 +118,7 @@ class BatchSteps:
         """Claim with nothing in flight. When our partitions have nothing, take every free
         partition (relays that left) and look again."""
         batch = self.claim(deque(), exhaustive=True)
-        if batch is None and self.by_partitions:
+        if batch is None and self.by_partitions and len(self.partitions.held) < PARTITIONS:
             with cursor() as cur:
                 self.partitions.rebalance(cur, busy=set(), greedy=True)
             batch = self.claim(deque(), exhaustive=True)

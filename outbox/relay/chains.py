@@ -38,7 +38,7 @@ class ChainRecords:
     #: time of it (records of chains still in flight are never dropped). One dropped early only
     #: makes a follower skip (its rows stay pending). Kept short so that a relay touching many
     #: aggregates holds few records (docs/relay.md, "Publishing").
-    KEEP = 5.0
+    KEEP = 1.0
 
     def __init__(self) -> None:
         self._chains: dict[AggregateKey, tuple[int, asyncio.Future[bool], float]] = {}

@@ -1,8 +1,10 @@
 """What the claims and marks share about the database: the table, the advisory-lock key space, the
-claim window, a server-binding cursor, value adapters, row decoding, and the errors of a lost session."""
+claim window, a server-binding cursor on a plan-stable session, value adapters, row decoding, and
+the errors of a lost session."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import datetime
 from typing import Any
@@ -38,12 +40,27 @@ def is_postgres() -> bool:
     return connection.vendor == "postgresql"
 
 
+#: Set once on every session the relay claims on (outside a caller's transaction). The claims
+#: must walk the partial index ``outbox_pending_seq`` in ``seq`` order and stop after the window
+#: whatever the planner believes about the pending set: with missing or stale statistics it
+#: expects a handful of pending rows and would otherwise read every one of them through a bitmap
+#: heap scan and sort them (docs/relay.md, "Plans that do not depend on statistics").
+PLAN_SETTINGS = "SELECT set_config('enable_bitmapscan', 'off', false), set_config('enable_seqscan', 'off', false)"
+
+_tuned = threading.local()
+
+
 def cursor() -> Any:
     """A cursor on Django's connection. On PostgreSQL a plain psycopg cursor: parameters are
-    bound by the server (Django's default cursor quotes every array element client-side)."""
+    bound by the server (Django's default cursor quotes every array element client-side); the
+    session gets :data:`PLAN_SETTINGS` the first time (not inside a caller's transaction)."""
     if is_postgres():
         connection.ensure_connection()
-        return psycopg.Cursor(connection.connection)
+        raw = connection.connection
+        if getattr(_tuned, "session", None) is not raw and not connection.in_atomic_block:
+            raw.execute(PLAN_SETTINGS)
+            _tuned.session = raw
+        return psycopg.Cursor(raw)
     return connection.cursor()
 
 

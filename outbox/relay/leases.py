@@ -44,7 +44,12 @@ def claim_leased_batch(
     postgres = is_postgres()
     with transaction.atomic(), cursor() as cur:
         if postgres:
-            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [LOCK_CLASS, CLAIM_KEY])
+            # With the claim's plan settings for this transaction only (the session may be a caller's).
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(%s, %s), set_config('enable_bitmapscan', 'off', true), "
+                "set_config('enable_seqscan', 'off', true)",
+                [LOCK_CLASS, CLAIM_KEY],
+            )
         now = timezone.now()
         window = in_flight + int(limit * WINDOW_FACTOR)
         chosen = walk_window(cur, now=now, limit=limit, window=window)

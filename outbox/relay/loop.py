@@ -6,7 +6,8 @@ nothing is claimable, NATS refuses everything, the budget is spent or ``stop()``
 the claims and marks run on two worker sessions (outbox/relay/sessions.py) while the calling
 thread holds the partitions and keeps the pipeline full; inside a caller's transaction and on
 SQLite the same pipeline runs on the calling session only (other sessions could not see the
-caller's uncommitted rows).
+caller's uncommitted rows). ``follow()`` and ``serve()`` drain again on each wake-up, holding
+the partitions in between.
 """
 
 from __future__ import annotations
@@ -87,13 +88,16 @@ class Relay:
         time_budget: float | None = None,
         on_batch: Any = None,
         stop: Callable[[], bool] | None = None,
+        probe: bool = True,
     ) -> BatchReport:
         """Run pipelined batches until nothing is claimable, NATS fails, the budget is spent or ``stop()``.
 
+        ``probe``: look whether anything is due before taking partitions (``False``: claim at once,
+        what a relay that was just told about a commit and already holds its partitions does).
         Inside a caller's transaction (or on SQLite) everything runs on this thread's session:
         other sessions could not see the caller's uncommitted rows.
         """
-        if not OutboxEvent.objects.filter(status="pending", next_attempt_at__lte=timezone.now()).exists():
+        if probe and not OutboxEvent.objects.filter(status="pending", next_attempt_at__lte=timezone.now()).exists():
             return BatchReport()  # an idle poll: no locks taken, no session opened
         if is_postgres() and not connection.in_atomic_block:
             return self._drain_sessions(time_budget=time_budget, on_batch=on_batch, stop=stop)
@@ -207,7 +211,7 @@ class Relay:
                     return total
         except BaseException:
             # Drop queued work, stop publishing what will not be marked; the sessions may be broken.
-            for future in [claiming, *marking]:
+            for future in [claiming, *marking]:  # type: ignore[assignment]
                 if future is not None:
                     future.cancel()
             for batch in inflight:
@@ -243,6 +247,25 @@ class Relay:
                 total.add(report)
                 if report.failed and not report.published:
                     return total, False  # NATS refuses: the rows back off, the sweep takes them later
+        finally:
+            self._following = False
+            self._leave()
+
+    def serve(self, wakeups: Any, *, poll: float, stop: Callable[[], bool]) -> BatchReport:
+        """Drain, then wait for a wake-up (at most ``poll`` seconds) and drain again, until ``stop()``.
+        The relay loop of a worker (outbox/relay/notify.py); it holds its partitions between drains.
+
+        ``wakeups.wait(timeout, stop) -> bool`` must already listen when this is called, so that
+        no commit falls between the first drain and the first wait.
+        """
+        total = BatchReport()
+        self._following = True
+        try:
+            woken = False
+            while not stop():
+                total.add(self.drain(stop=stop, probe=not woken))
+                woken = wakeups.wait(poll, stop)
+            return total
         finally:
             self._following = False
             self._leave()

@@ -1,5 +1,6 @@
 """A relay task that follows new commits (OUTBOX['FOLLOW_SECONDS']): after draining it stays,
-and every kick's wake-up on Redis makes it drain again without a new Celery task."""
+and every kick's wake-up on Redis makes it drain again without a new Celery task. The workers
+here are woken by kicks (``OUTBOX_WAKE=kick``; on PostgreSQL the default is the NOTIFY loop)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,20 @@ from ticketing.services import ticket_create, ticket_update
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.fixture(autouse=True)
+def _wake_by_kick(settings):
+    """The writers (this process) kick too: ``WAKE = "kick"`` (the default on PostgreSQL is "notify")."""
+    settings.OUTBOX = {**settings.OUTBOX, "WAKE": "kick"}
+
+
 def published() -> int:
     return OutboxEvent.objects.filter(status="published").count()
 
 
 def test_a_following_relay_publishes_new_commits_on_their_wake_up_without_a_new_task(logs):
     worker = celery_worker(
-        env=subprocess_env(OUTBOX_FOLLOW_SECONDS="40", OUTBOX_TASK_TIME_BUDGET="60"), log=logs / "worker.log"
+        env=subprocess_env(OUTBOX_WAKE="kick", OUTBOX_FOLLOW_SECONDS="40", OUTBOX_TASK_TIME_BUDGET="60"),
+        log=logs / "worker.log",
     )
     client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     try:
@@ -45,7 +53,8 @@ def test_a_following_relay_publishes_new_commits_on_their_wake_up_without_a_new_
 
 def test_sigterm_ends_a_following_relay_task_at_once_not_after_its_follow_time(logs):
     worker = celery_worker(
-        env=subprocess_env(OUTBOX_FOLLOW_SECONDS="100", OUTBOX_TASK_TIME_BUDGET="120"), log=logs / "worker.log"
+        env=subprocess_env(OUTBOX_WAKE="kick", OUTBOX_FOLLOW_SECONDS="100", OUTBOX_TASK_TIME_BUDGET="120"),
+        log=logs / "worker.log",
     )
     try:
         ticket_create(title="T", price="1", user_id="u")

@@ -25,6 +25,12 @@ from ticketing.services import ticket_create, ticket_update
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.fixture(autouse=True)
+def _wake_by_kick(settings):
+    """These tests are about the kick: ``WAKE = "kick"`` (the default on PostgreSQL is "notify")."""
+    settings.OUTBOX = {**settings.OUTBOX, "WAKE": "kick"}
+
+
 @pytest.fixture
 def queue():
     """This run's relay queue and kick flag, empty before and after the test; yields (client, queue, flag)."""
@@ -152,7 +158,7 @@ def test_a_process_that_exits_right_after_its_commit_still_kicks_the_relay(queue
         "shell",
         "-c",
         "from ticketing.services import ticket_create; ticket_create(title='last words', price='1', user_id='u')",
-        env=subprocess_env(),
+        env=subprocess_env(OUTBOX_WAKE="kick"),
         log=logs / "writer.log",
     )
     assert writer.wait(120) == 0, (logs / "writer.log").read_text()
@@ -190,7 +196,7 @@ def test_a_worker_without_beat_publishes_every_event_of_concurrent_writers(logs)
     # No sweep runs here: each row is published only if some kick after its commit reached a relay
     # task that drained after that commit, including commits that land while a task drains.
     tickets = [ticket_create(title=f"T{n}", price="1", user_id="u").id for n in range(4)]
-    worker = celery_worker(env=subprocess_env(), log=logs / "worker.log")
+    worker = celery_worker(env=subprocess_env(OUTBOX_WAKE="kick"), log=logs / "worker.log")
     errors: list[BaseException] = []
 
     def write(ticket_id) -> None:

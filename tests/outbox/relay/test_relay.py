@@ -150,7 +150,7 @@ print("wrote", t.version)
 
 def test_redis_down_during_ticket_writes_the_writes_succeed_and_the_beat_sweep_publishes_them(logs):
     private_redis = PrivateRedis().start()
-    env = subprocess_env(CELERY_BROKER_URL=private_redis.url, OUTBOX_SWEEP_INTERVAL="1")
+    env = subprocess_env(CELERY_BROKER_URL=private_redis.url, OUTBOX_SWEEP_INTERVAL="1", OUTBOX_WAKE="kick")
     worker = celery_worker(env=env, beat=True, log=logs / "worker.log")
     try:
         private_redis.stop()
@@ -172,14 +172,13 @@ def test_redis_down_during_ticket_writes_the_writes_succeed_and_the_beat_sweep_p
     assert [m["data"]["version"] for m in messages] == list(range(21))
 
 
-def test_a_burst_of_commits_enqueues_one_relay_task_not_one_per_commit():
+def test_a_burst_of_commits_enqueues_one_relay_task_not_one_per_commit(settings):
     import time
-
-    from django.conf import settings
 
     from outbox.conf import outbox_settings
     from outbox.kick import _FLAG_TTL_MS
 
+    settings.OUTBOX = {**settings.OUTBOX, "WAKE": "kick"}
     client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     queue = outbox_settings().CELERY_QUEUE
     flag = f"outbox:kick:{outbox_settings().STREAM_PREFIX}{queue}"
@@ -197,10 +196,11 @@ def test_a_burst_of_commits_enqueues_one_relay_task_not_one_per_commit():
         client.delete(queue, flag)
 
 
-def test_celery_worker_publishes_on_commit_using_one_nats_connection_per_process(logs):
+def test_celery_worker_publishes_on_commit_using_one_nats_connection_per_process(logs, settings):
+    settings.OUTBOX = {**settings.OUTBOX, "WAKE": "kick"}  # the writer (this process) kicks the worker
     monitor = free_port()
     server = PrivateNats(extra=["-m", str(monitor)]).start()
-    env = subprocess_env(NATS_URL=server.url)
+    env = subprocess_env(NATS_URL=server.url, OUTBOX_WAKE="kick")
     worker = celery_worker(env=env, log=logs / "worker.log")
     try:
         # Each commit kicks the worker (shared Redis, this run's queue); each kick is a separate task.
@@ -333,14 +333,16 @@ def test_outbox_status_json_reports_backlog_and_streams(capsys):
     assert tickets["messages"] == 6 and tickets["last_seq"] == 6
 
 
-def test_kick_with_redis_unreachable_does_not_raise_and_the_write_commits():
-    from django.test import override_settings
-
+def test_kick_with_redis_unreachable_does_not_raise_and_the_write_commits(settings):
     import outbox.kick
+    from tests.outbox.test_kick import celery_broker
 
+    settings.OUTBOX = {**settings.OUTBOX, "WAKE": "kick"}
     outbox.kick._local.__dict__.clear()
     try:
-        with override_settings(CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0"):
+        # The kick uses the Celery app's broker (whose CELERY_BROKER_URL environment variable wins
+        # over Django's settings), so the app itself is pointed at a port nobody listens on.
+        with celery_broker(f"redis://127.0.0.1:{free_port()}/0"):
             assert kick_relay() is False
             ticket_create(title="still written", price="1", user_id="u")  # its on-commit kick fails quietly
     finally:
