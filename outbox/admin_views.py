@@ -1,7 +1,7 @@
 """The admin's operations page: channels, clients and the flow of events at a glance.
 
 Wired in ``outbox/urls.py`` as ``admin.site.admin_view(operations_view)``, so it
-needs a staff login like every admin page. The data comes from
+needs a staff login like every admin page, and the permission to view outbox events. The data comes from
 :mod:`outbox.operations` (shared with ``manage.py nats_status``); this module only
 shapes it for the template, including the inline SVG of events published per minute.
 """
@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
+from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 
 from outbox.operations import BEHIND_PENDING, STALL_AFTER, format_duration, operations_snapshot
+from outbox.views import VIEW_PERMISSION
 
 CHART_WIDTH = 1000
 CHART_HEIGHT = 140
@@ -65,6 +67,8 @@ def _refresh_seconds(request: HttpRequest) -> int | None:
 
 
 def operations_view(request: HttpRequest) -> HttpResponse:
+    if not request.user.has_perm(VIEW_PERMISSION):
+        raise PermissionDenied("the operations page needs the permission to view outbox events")
     snapshot = operations_snapshot()
     nats = snapshot["nats"]
     for consumer in nats["consumers"]:

@@ -26,6 +26,7 @@ from nats.js import JetStreamContext
 
 from outbox.conf import NatsSettings, nats_settings
 from outbox.errors import ConfigurationError, PublishError
+from outbox.redact import redact, redact_url
 
 logger = logging.getLogger("outbox.broker")
 
@@ -97,7 +98,7 @@ async def connect(*, name: str = "", conf: NatsSettings | None = None, **overrid
     # The first connection is not retried forever: an operator must hear that NATS is unreachable.
     # Each server gets two tries; once connected, reconnection is as configured (forever by default).
     opts["max_reconnect_attempts"] = 1
-    servers = ", ".join(opts["servers"])
+    servers = ", ".join(redact_url(server) for server in opts["servers"])
     bound = 2 * len(opts["servers"]) * (opts["connect_timeout"] + opts["reconnect_time_wait"]) + opts["connect_timeout"]
     attempt = asyncio.ensure_future(nats.connect(**opts))
     gave_up = asyncio.ensure_future(fatal.wait())
@@ -112,11 +113,11 @@ async def connect(*, name: str = "", conf: NatsSettings | None = None, **overrid
     if not attempt.done():
         _abandon(attempt)
         why = seen[-1] if seen else TimeoutError(f"no answer within {bound:.0f}s")
-        raise PublishError(f"cannot connect to NATS at {servers}: {_refusal(why, seen)}")
+        raise PublishError(redact(f"cannot connect to NATS at {servers}: {_refusal(why, seen)}"))
     try:
         nc = attempt.result()
     except Exception as exc:  # nats-py raises several unrelated types here
-        raise PublishError(f"cannot connect to NATS at {servers}: {_refusal(exc, seen)}") from exc
+        raise PublishError(redact(f"cannot connect to NATS at {servers}: {_refusal(exc, seen)}")) from exc
     nc.options["max_reconnect_attempts"] = reconnects
     return nc
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from urllib.parse import urlparse
 
 from django.core.checks import CheckMessage, Error, Warning, register
@@ -89,6 +90,11 @@ def check_outbox_settings(app_configs=None, **kwargs) -> list[CheckMessage]:
                 parsed.port  # noqa: B018 - raises ValueError on a bad port
             except ValueError:
                 errors.append(Error(f"NATS_URL entry {server!r} has an invalid port.", id="outbox.E007"))
+    for network in conf.METRICS_ALLOW:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            errors.append(Error(f"OUTBOX['METRICS_ALLOW'] entry {network!r} is not a network.", id="outbox.E015"))
     errors.extend(_stream_limit_errors(conf))
     errors.extend(_database_errors())
     if not registry.names():

@@ -99,8 +99,12 @@ class OutboxSettings:
     METRICS_PORT: int | None = None
     #: The address that server listens on (loopback unless opened on purpose).
     METRICS_ADDR: str = "127.0.0.1"
-    #: ``/metrics`` answers loopback requests without a staff login.
+    #: ``/metrics`` answers requests from METRICS_ALLOW's networks without a login.
     METRICS_PUBLIC: bool = False
+    #: ``/metrics`` answers a request carrying ``Authorization: Bearer <this>`` ("": no token works).
+    METRICS_TOKEN: str = ""
+    #: The networks METRICS_PUBLIC opens ``/metrics`` to (loopback, IPv4 and IPv6, by default).
+    METRICS_ALLOW: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
 
 
 _KNOWN = {f.name for f in fields(OutboxSettings)}

@@ -28,6 +28,12 @@ from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from outbox.redact import redact_url  # noqa: E402 - the checkout's own apps, found through ROOT
+from tests.processes import free_port  # noqa: E402 - one copy of the process helpers
+
 SERVICES, APP = 0, 1  # tiers: stopped in the reverse order
 
 
@@ -46,12 +52,6 @@ def answers(url: str, default_port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shown(path: Path) -> str:
@@ -102,18 +102,18 @@ class Stack:
         broker = self.env.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
         if broker.startswith("redis") and not answers(broker, 6379):
             self.say(
-                f"Celery broker: Redis does not answer at {broker}; "
+                f"Celery broker: Redis does not answer at {redact_url(broker)}; "
                 f"using Celery's filesystem broker ({_shown(self.var / 'broker')})"
             )
             broker = "filesystem://localhost//"  # with a host: no "No hostname was supplied" per connection
         else:
-            self.say(f"Celery broker: {broker}")
+            self.say(f"Celery broker: {redact_url(broker)}")
         self.env["CELERY_BROKER_URL"] = broker
 
     def _nats(self) -> None:
         urls = [u.strip() for u in self.env.get("NATS_URL", "nats://127.0.0.1:4222").split(",") if u.strip()]
         if any(answers(u, 4222) for u in urls):
-            self.say(f"NATS: {','.join(urls)}")
+            self.say(f"NATS: {','.join(redact_url(u) for u in urls)}")
             return
         binary = shutil.which("nats-server", path=str(Path(PY).parent)) or shutil.which("nats-server")
         if not binary:
@@ -124,7 +124,10 @@ class Stack:
         port = free_port()
         store = self.var / "nats"
         store.mkdir(parents=True, exist_ok=True)
-        self.say(f"NATS: not reachable at {urls[0]}; starting nats-server on 127.0.0.1:{port} (store {_shown(store)})")
+        self.say(
+            f"NATS: not reachable at {redact_url(urls[0])}; "
+            f"starting nats-server on 127.0.0.1:{port} (store {_shown(store)})"
+        )
         self.start(
             [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
             tier=SERVICES,

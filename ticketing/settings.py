@@ -226,6 +226,7 @@ for _key, _type in {
     "METRICS_PORT": int,
     "METRICS_ADDR": str,
     "METRICS_PUBLIC": bool,
+    "METRICS_TOKEN": str,
 }.items():
     if os.environ.get(f"OUTBOX_{_key}"):
         if _type is bool:
@@ -235,6 +236,9 @@ for _key, _type in {
             OUTBOX[_key] = _type(os.environ[f"OUTBOX_{_key}"])
         except ValueError:
             raise ImproperlyConfigured(f"OUTBOX_{_key}={os.environ[f'OUTBOX_{_key}']!r} is not a number") from None
+
+if os.environ.get("OUTBOX_METRICS_ALLOW"):
+    OUTBOX["METRICS_ALLOW"] = env_list("OUTBOX_METRICS_ALLOW", "")
 
 # Contracts (each app's events.py) and listeners (each app's handlers.py) are autodiscovered;
 # OUTBOX['CONTRACT_MODULES'] and LISTENERS['HANDLER_MODULES'] would name the modules instead.
@@ -252,13 +256,16 @@ LOGGING = {
         "line": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
     },
     # A stop that was asked for (a listener's first SIGTERM/SIGINT) is logged as INFO, not WARNING.
-    "filters": {"asked_stop": {"()": "ticketing.logs.AskedStopIsInfo"}},
+    "filters": {
+        "asked_stop": {"()": "ticketing.logs.AskedStopIsInfo"},
+        "redact": {"()": "outbox.redact.RedactFilter"},  # no credentials of a URL in a log line
+    },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
             "formatter": "line",
             "stream": "ext://sys.stdout",
-            "filters": ["asked_stop"],
+            "filters": ["asked_stop", "redact"],
         }
     },
     "root": {"handlers": ["console"], "level": "WARNING"},

@@ -20,6 +20,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from outbox.conf import OutboxSettings
+from outbox.redact import redact
 from outbox.relay.database import TABLE, cursor, db_datetime, db_id, is_postgres, placeholders
 from outbox.relay.failures import PERMANENT, UNKNOWN
 from outbox.relay.rows import PublishResult
@@ -54,7 +55,7 @@ def mark_results(
     failures = []
     dead = 0
     for row, failure in result.failed:
-        attempt, error = row.attempts + 1, failure.reason
+        attempt, error = row.attempts + 1, redact(failure.reason)
         is_dead = failure.kind == PERMANENT or (failure.kind == UNKNOWN and attempt >= conf.MAX_ATTEMPTS)
         dead += int(is_dead)
         next_at = now + timedelta(seconds=backoff_seconds(attempt, conf))

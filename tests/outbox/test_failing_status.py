@@ -52,3 +52,26 @@ def test_nothing_is_said_when_nothing_fails():
 def test_the_dashboard_shows_the_failing_card(failing, admin_client):
     page = admin_client.get(reverse("operations")).content.decode()
     assert 'id="card-failing"' in page and "Publishing failing" in page and "2 retrying" in page
+
+
+@pytest.mark.parametrize("command", ["outbox_status", "nats_status"])
+@pytest.mark.parametrize("as_json", [False, True])
+def test_the_status_commands_exit_1_when_nats_is_unreachable_after_printing_what_they_can(command, as_json):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, free_port, subprocess_env
+
+    args = [sys.executable, str(ROOT / "manage.py"), command, *(["--json"] if as_json else [])]
+    env = subprocess_env(NATS_URL=f"nats://127.0.0.1:{free_port()}", NATS_CONNECT_TIMEOUT="0.5")
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("CommandError: NATS unreachable:")
+    if as_json:
+        lines = done.stdout.splitlines()  # log lines may come first: the document starts at its "{"
+        doc = json.loads("\n".join(lines[next(i for i, line in enumerate(lines) if line.startswith("{")) :]))
+        assert doc.get("nats_error") or doc.get("error")
+        if command == "outbox_status":
+            assert "pending" in doc["outbox"]
+    elif command == "outbox_status":
+        assert "outbox" in done.stdout and "pending" in done.stdout

@@ -3,6 +3,9 @@
 "In flight" is what lease mode records on the rows; with partitions (the default on PostgreSQL)
 a claim writes nothing, so the command shows the relays draining instead, read from the
 server's advisory locks (:func:`outbox.selectors.outbox_relays`).
+
+Exit status, as ``nats_status``'s: 0 when everything it reports on answered, 1 when NATS did not
+(the database part is printed first, and with ``--json`` the whole document with ``nats_error``).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 from datetime import datetime
 from typing import IO, cast
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -47,6 +50,8 @@ class Command(BaseCommand):
                 "nats_error": nats_error,
             }
             self.stdout.write(json.dumps(doc))
+            if nats_error:
+                raise CommandError(f"NATS unreachable: {nats_error}", returncode=1)
             return
         console = Console(file=cast(IO[str], self.stdout), highlight=False, width=160)
         table = Table(title="outbox")
@@ -82,8 +87,8 @@ class Command(BaseCommand):
             per.add_row(subject, *(str(counts.get(s, 0)) for s in ("pending", "published", "dead")))
         console.print(per)
         if nats_error:
-            console.print(f"[red]NATS unreachable:[/] {nats_error}")
-            return
+            # Like nats_status: what could be shown was, and the exit status says a part was not.
+            raise CommandError(f"NATS unreachable: {nats_error}", returncode=1)
         st = Table(title="streams")
         for col in ("stream", "subjects", "messages", "last seq", "consumers"):
             st.add_column(col)
