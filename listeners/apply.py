@@ -33,6 +33,7 @@ from typing import Any, cast
 
 from django.db import DataError, IntegrityError, transaction
 
+from listeners import tracing
 from listeners.base import Context, Listener
 from listeners.db_health import ensure_committable, ensure_connected
 from listeners.delivery import ACK, NAK, TERM, Decision, Delivery, event_id_of
@@ -199,7 +200,7 @@ def _apply_group_as_set(group: Any, items: list[_Pending], applied: Applied, *, 
     """
     listener_cls = items[0].delivery.listener
     assert listener_cls is not None
-    started = time.perf_counter()
+    started, started_ns = time.perf_counter(), time.time_ns()
     try:
         outcomes = listener_cls().handle_batch([i.event for i in items], [i.ctx for i in items])  # type: ignore[misc]
         if len(outcomes) != len(items):
@@ -224,6 +225,10 @@ def _apply_group_as_set(group: Any, items: list[_Pending], applied: Applied, *, 
             applied.add((item.delivery.consumer, item.event_id))
             item.decision = Decision(ACK, cast(str, outcome) or "applied")
         item.decision.ms = (started - item.started) * 1000 + share
+    if tracing.enabled():
+        ended_ns = time.time_ns()
+        for item in items:
+            tracing.record_after(item.delivery, item.event_id, item.version, item.decision, started_ns, ended_ns)  # type: ignore[arg-type]
 
 
 def _is_exception_outcome(outcome: Any) -> bool:
@@ -298,27 +303,30 @@ def _apply_per_message(item: _Pending, applied: Applied | None) -> None:
     listener_cls, ctx = item.delivery.listener, item.ctx
     assert listener_cls is not None and ctx is not None
     correlation = ctx.headers.get("correlation-id") or ctx.event_id
-    try:
-        with transaction.atomic():
-            with event_context(correlation_id=correlation, causation_id=ctx.event_id):
-                outcome = listener_cls().handle(item.event, ctx) or "applied"
-            # The inbox row commits with the handler's writes or not at all. Its unique
-            # constraint is the last line against a concurrent copy of the same event
-            # (another process sharing the durable): the loser's savepoint rolls back.
-            inbox_record(
-                consumer=ctx.consumer,
-                event_id=ctx.event_id,
-                subject=ctx.subject,
-                stream_sequence=ctx.stream_sequence,
-                outcome=outcome,
-            )
-        if applied is not None:
-            applied.add((ctx.consumer, ctx.event_id))
-        item.decision = Decision(ACK, outcome)
-    except Exception as exc:  # noqa: BLE001 - a handler bug must not stop the listener
-        ensure_committable(exc)
-        item.decision = _decide_handler_error(listener_cls, ctx, item.delivery, applied, exc)
-    item.decision.ms = (time.perf_counter() - item.started) * 1000
+    # The message's span is current while the handler runs: what it emits continues the trace.
+    with tracing.processing(item.delivery, item.event_id, item.version) as span:
+        try:
+            with transaction.atomic():
+                with event_context(correlation_id=correlation, causation_id=ctx.event_id):
+                    outcome = listener_cls().handle(item.event, ctx) or "applied"
+                # The inbox row commits with the handler's writes or not at all. Its unique
+                # constraint is the last line against a concurrent copy of the same event
+                # (another process sharing the durable): the loser's savepoint rolls back.
+                inbox_record(
+                    consumer=ctx.consumer,
+                    event_id=ctx.event_id,
+                    subject=ctx.subject,
+                    stream_sequence=ctx.stream_sequence,
+                    outcome=outcome,
+                )
+            if applied is not None:
+                applied.add((ctx.consumer, ctx.event_id))
+            item.decision = Decision(ACK, outcome)
+        except Exception as exc:  # noqa: BLE001 - a handler bug must not stop the listener
+            ensure_committable(exc)
+            item.decision = _decide_handler_error(listener_cls, ctx, item.delivery, applied, exc)
+        item.decision.ms = (time.perf_counter() - item.started) * 1000
+        tracing.record(span, item.decision)
 
 
 # --- what a handler's exception costs -------------------------------------------------

@@ -38,6 +38,10 @@ class ListenersSettings:
     METRICS_PORT: int = 0
     #: Address that endpoint binds to: loopback unless you mean to expose it.
     METRICS_ADDR: str = "127.0.0.1"
+    #: OpenTelemetry (the ``[otel]`` extra): a CONSUMER span per message, the child of the trace
+    #: context the message carries (listeners/tracing.py). False: no spans even with OpenTelemetry
+    #: installed. Without the package it is off whatever this says.
+    TRACING: bool = True
 
 
 KNOWN_KEYS = frozenset(f.name for f in fields(ListenersSettings))
@@ -74,6 +78,8 @@ def settings_problems() -> list[str]:
     port = raw.get("METRICS_PORT", 0)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         problems.append("LISTENERS['METRICS_PORT'] must be a port number (0: no metrics endpoint).")
+    if not isinstance(raw.get("TRACING", True), bool):
+        problems.append("LISTENERS['TRACING'] must be True or False.")
     if not isinstance(raw.get("METRICS_ADDR", ""), str):
         problems.append("LISTENERS['METRICS_ADDR'] must be an address to bind, e.g. '127.0.0.1'.")
     return problems

@@ -34,6 +34,8 @@ class Delivery:
     deliveries: int
     consumer: str
     listener: type[Listener] | None = None
+    #: The NATS subject it came on ("" when unknown, e.g. a replayed dead letter).
+    subject: str = ""
 
 
 @dataclass

@@ -313,6 +313,7 @@ class ListenerRunner:
                     meta.num_delivered,
                     plan.durable,
                     plan.listeners.get(name),
+                    msg.subject,
                 )
             )
         call_hooks(BEFORE_APPLY, durable=plan.durable, messages=len(msgs))

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple, cast
 
 from django.db import DEFAULT_DB_ALIAS, connections, models
 
+from outbox import tracing
 from outbox.contracts import Event, payload_from_event, plain_json
 from outbox.errors import NotInTransactionError, UnrelayedDatabaseError
 from outbox.kick import kick_relay_after_commit, kicks_on_commit
@@ -79,6 +80,8 @@ def emit(
     meta.setdefault("correlation-id", str(event_id))
     if headers:
         meta.update({str(k): str(v) for k, v in headers.items()})
+    if tracing.enabled():
+        tracing.inject(meta)
     fields = {
         "id": event_id,
         "subject": item.name,

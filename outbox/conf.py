@@ -105,6 +105,10 @@ class OutboxSettings:
     METRICS_TOKEN: str = ""
     #: The networks METRICS_PUBLIC opens ``/metrics`` to (loopback, IPv4 and IPv6, by default).
     METRICS_ALLOW: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    #: OpenTelemetry (the ``[otel]`` extra): ``emit()`` records the current trace context in the row
+    #: and the relay makes a publish span per traced row (outbox/tracing.py). False: neither, even
+    #: with OpenTelemetry installed. Without the package it is off whatever this says.
+    TRACING: bool = True
 
 
 _KNOWN = {f.name for f in fields(OutboxSettings)}

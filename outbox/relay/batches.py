@@ -19,7 +19,7 @@ from functools import partial
 
 from nats.aio.client import Client as NATS
 
-from outbox import metrics
+from outbox import metrics, tracing
 from outbox.broker import Broker
 from outbox.conf import OutboxSettings
 from outbox.errors import OutboxError, PublishError
@@ -51,6 +51,8 @@ class Batch:
     error: Exception | None
     timeout: float
     started_at: float
+    #: Wall-clock time of the start (ns), where the batch's publish spans begin.
+    started_ns: int = 0
     seqs: str = ""  # the rows' seqs, comma-separated: what the next claims must leave alone
     deadline: float = 0.0  # monotonic time by which the publish must have answered
     marking: bool = False
@@ -101,10 +103,13 @@ class BatchSteps:
             job = self._partition_claim(inflight, exhaustive=exhaustive)
             if job is None:
                 return None
+            started = time.perf_counter()
             with cursor() as cur:
                 rows = job(cur)
+            metrics.STAGE_SECONDS.labels("claim").observe(time.perf_counter() - started)
             return self._claimed(self.partitions.owner, True, rows)
         owner = uuid.uuid4().hex
+        started = time.perf_counter()
         rows = claim_leased_batch(
             limit=self.conf.BATCH_SIZE,
             lease_seconds=self.conf.LEASE_SECONDS,
@@ -112,6 +117,7 @@ class BatchSteps:
             exhaustive=exhaustive,
             in_flight=sum(len(b.rows) for b in inflight),
         )
+        metrics.STAGE_SECONDS.labels("claim").observe(time.perf_counter() - started)
         return self._claimed(owner, False, rows)
 
     def claim_first(self) -> Batch | None:
@@ -133,8 +139,10 @@ class BatchSteps:
             owner = self.partitions.owner
 
             def job() -> Batch | None:
+                started = time.perf_counter()
                 with cursor() as cur:
                     rows = partition_job(cur)
+                metrics.STAGE_SECONDS.labels("claim").observe(time.perf_counter() - started)
                 return self._claimed(owner, True, rows)
 
             return job
@@ -162,7 +170,7 @@ class BatchSteps:
 
     def _start(self, owner: str, by_partitions: bool, rows: list[ClaimedRow]) -> Batch:
         """Submit the batch's publish to the broker's event loop."""
-        started_at = time.perf_counter()
+        started_at, started_ns = time.perf_counter(), time.time_ns()
         longest = max(map(len, chains_of(rows).values()))
         # A chain may wait for the chains of earlier batches in flight before its own turn.
         timeout = self.conf.PUBLISH_TIMEOUT * (longest + 1) * max(1, self.conf.PIPELINE_DEPTH) + 5
@@ -180,10 +188,16 @@ class BatchSteps:
         except (PublishError, OutboxError, OSError) as exc:
             future, error = None, exc
         seqs = ",".join([str(r.seq) for r in rows]) if by_partitions else ""
-        return Batch(owner, by_partitions, rows, future, error, timeout, started_at, seqs, time.monotonic() + timeout)
+        deadline = time.monotonic() + timeout
+        return Batch(owner, by_partitions, rows, future, error, timeout, started_at, started_ns, seqs, deadline)
 
     def collect(self, batch: Batch) -> PublishResult:
         """The batch's publish outcome (waiting for it until its deadline)."""
+        result = self._collect(batch)
+        metrics.STAGE_SECONDS.labels("publish").observe(time.perf_counter() - batch.started_at)
+        return result
+
+    def _collect(self, batch: Batch) -> PublishResult:
         error = batch.error
         if batch.future is not None:
             try:
@@ -206,7 +220,18 @@ class BatchSteps:
     def mark(self, batch: Batch, result: PublishResult) -> BatchReport:
         """Write the outcome; count it in the metrics and the returned report."""
         hooks.run(hooks.BEFORE_MARK, result=result)
+        acknowledged_ns = time.time_ns()
+        started = time.perf_counter()
         failed, dead = mark_results(result, owner=batch.owner, conf=self.conf, by_partitions=batch.by_partitions)
+        metrics.STAGE_SECONDS.labels("mark").observe(time.perf_counter() - started)
+        if tracing.enabled():
+            tracing.publish_spans(
+                published=result.published,
+                failed=result.failed,
+                subjects=self.subjects,
+                start_ns=batch.started_ns,
+                end_ns=acknowledged_ns,
+            )
         report = BatchReport(
             claimed=len(batch.rows),
             published=len(result.published),
