@@ -73,6 +73,7 @@ def operations_view(request: HttpRequest) -> HttpResponse:
     nats = snapshot["nats"]
     for consumer in nats["consumers"]:
         consumer["idle_human"] = format_duration(consumer["idle_seconds"])
+        consumer["lag_human"] = format_duration(consumer["lag_seconds"])
     for relay in snapshot["relays"]["relays"]:
         relay["connected_human"] = format_duration(relay["connected_seconds"])
         relay["state_human"] = format_duration(relay["state_seconds"])
@@ -83,6 +84,7 @@ def operations_view(request: HttpRequest) -> HttpResponse:
         "nats": nats,
         "chart": throughput_chart(snapshot["throughput"]),
         "behind_count": sum(1 for c in nats["consumers"] if c["state"] == "behind"),
+        "max_lag": max(nats["consumers"], key=lambda c: c["lag_seconds"] or 0, default=None),
         "behind_pending": BEHIND_PENDING,
         "stall_after_human": format_duration(STALL_AFTER),
         "oldest_pending_human": format_duration(snapshot["outbox"]["oldest_pending_age"]),

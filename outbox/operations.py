@@ -65,8 +65,33 @@ async def nats_overview(
             continue
         infos = await js.consumers_info(stream["stream"])
         for info in sorted(infos, key=lambda i: i.name):
-            consumers.append(_consumer_row(info, now=now, behind_pending=behind_pending, stall_after=stall_after))
+            row = _consumer_row(info, now=now, behind_pending=behind_pending, stall_after=stall_after)
+            row["lag_seconds"] = await consumer_lag_seconds(js, info, now=now)
+            consumers.append(row)
     return {"streams": streams, "consumers": consumers}
+
+
+async def consumer_lag_seconds(js: Any, info: Any, *, now: datetime) -> float | None:
+    """How far behind a consumer is in time: the age of the oldest message it has not acked yet
+    (the first one after its ack floor that its filter takes); 0 when it has nothing to do, None
+    when the stream cannot tell (the message is gone, a server error).
+
+    With several filter subjects it is the first message of the stream after the floor, whatever
+    its subject: an upper bound of the lag, close to it whenever the listener keeps up."""
+    if not (info.num_pending or 0) + (info.num_ack_pending or 0):
+        return 0.0
+    config = info.config
+    filters = list(config.filter_subjects or []) or ([config.filter_subject] if config.filter_subject else [])
+    floor = info.ack_floor.stream_seq if info.ack_floor else 0
+    try:
+        msg = await js.get_msg(
+            info.stream_name, seq=floor + 1, subject=filters[0] if len(filters) == 1 else ">", next=True
+        )
+    except Exception:  # noqa: BLE001 - the lag is a hint; the rest of the row stands without it
+        return None
+    if msg.time is None:
+        return None
+    return max(0.0, round((now - msg.time).total_seconds(), 3))
 
 
 def _consumer_row(info: Any, *, now: datetime, behind_pending: int, stall_after: float) -> dict[str, Any]:

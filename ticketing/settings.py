@@ -227,6 +227,7 @@ for _key, _type in {
     "METRICS_ADDR": str,
     "METRICS_PUBLIC": bool,
     "METRICS_TOKEN": str,
+    "TRACING": bool,
 }.items():
     if os.environ.get(f"OUTBOX_{_key}"):
         if _type is bool:
@@ -243,6 +244,8 @@ if os.environ.get("OUTBOX_METRICS_ALLOW"):
 # Contracts (each app's events.py) and listeners (each app's handlers.py) are autodiscovered;
 # OUTBOX['CONTRACT_MODULES'] and LISTENERS['HANDLER_MODULES'] would name the modules instead.
 LISTENERS: dict = {}
+if os.environ.get("LISTENERS_TRACING"):
+    LISTENERS["TRACING"] = env_bool("LISTENERS_TRACING", True)
 
 # The relay's tasks route themselves to OUTBOX['CELERY_QUEUE']; beat gets its entries from one helper.
 CELERY_BEAT_SCHEDULE = {**beat_schedule(OUTBOX), **listeners_beat_schedule(LISTENERS, queue=OUTBOX["CELERY_QUEUE"])}

@@ -119,7 +119,9 @@ class Stack:
         else:
             self.listeners[index] = proc
 
-    def load(self, *, tickets: int, updates: int, rate: float, seed: int = 1) -> subprocess.Popen:
+    def load(
+        self, *, tickets: int, updates: int, rate: float, seed: int = 1, writers: int = 1, seconds: float = 0
+    ) -> subprocess.Popen:
         out = open(self.log("load"), "ab")  # noqa: SIM115 - closed with the process
         return subprocess.Popen(
             [
@@ -134,6 +136,10 @@ class Stack:
                 str(rate),
                 "--seed",
                 str(seed),
+                "--writers",
+                str(writers),
+                "--seconds",
+                str(seconds),
             ],
             cwd=ROOT,
             env=self.env,

@@ -101,3 +101,32 @@ def test_a_failed_connection_stores_no_credentials_in_last_error():
             relay.broker.close()
     error = OutboxEvent.objects.get().last_error
     assert "cannot connect to NATS at nats://app:***@127.0.0.1" in error and "pa55word" not in error
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_running_relay_worker_serves_its_counters_and_the_timings_of_claim_publish_and_mark(tmp_path):
+    """The Celery worker's own endpoint (OUTBOX['METRICS_PORT']): what it published, and a histogram
+    per stage of its batches."""
+    from tests.helpers import celery_worker, free_port, stop, subprocess_env, wait_for
+    from tests.listeners.test_metrics import scrape, value
+    from ticketing.services import ticket_create
+
+    port = free_port()
+    worker = celery_worker(env=subprocess_env(OUTBOX_METRICS_PORT=str(port)), log=tmp_path / "worker.log")
+    try:
+        wait_for(lambda: scrape(port), timeout=90, what="the worker's metrics endpoint")
+        for n in range(5):
+            ticket_create(title=f"T{n}", price="1", user_id="u")
+
+        def published_all():
+            samples = scrape(port)
+            return value(samples, "outbox_published_total") == 5 and samples
+
+        samples = wait_for(published_all, timeout=60, interval=0.5, what="five events published by the worker")
+    finally:
+        stop(worker)
+    for stage in ("claim", "publish", "mark"):
+        count = value(samples, "outbox_relay_stage_seconds_count", stage=stage)
+        assert count and count >= 1, stage
+        assert value(samples, "outbox_relay_stage_seconds_sum", stage=stage) > 0
+        assert value(samples, "outbox_relay_stage_seconds_bucket", stage=stage, le="+Inf") == count

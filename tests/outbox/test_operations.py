@@ -81,6 +81,21 @@ def test_nats_snapshot_lists_registry_streams_and_the_durable_consumer_with_its_
     json.dumps(snap)  # the command prints it as is
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_consumers_lag_is_the_age_of_its_oldest_unacknowledged_message_and_zero_when_caught_up(admin_client):
+    before = timezone.now()
+    _two_tickets_published_and_one_consumed()  # the second message waits
+    (consumer,) = [c for c in nats_snapshot()["consumers"] if c["stream"] == stream_name("TICKETS")]
+    assert 0 < consumer["lag_seconds"] <= (timezone.now() - before).total_seconds()
+    html = admin_client.get(OPERATIONS_URL).content.decode()
+    assert 'id="card-lag"' in html and "Largest lag &middot; replica-TICKETS" in html
+
+    call_command("listen", "ticket:created", "ticket:updated", "--max-messages", "1", "--idle-exit", "30")
+    (consumer,) = [c for c in nats_snapshot()["consumers"] if c["stream"] == stream_name("TICKETS")]
+    assert consumer["lag_seconds"] == 0.0
+    assert 'id="card-lag"' not in admin_client.get(OPERATIONS_URL).content.decode()
+
+
 @pytest.mark.django_db
 def test_nats_snapshot_marks_registry_streams_not_created_yet_as_missing():
     snap = nats_snapshot()
