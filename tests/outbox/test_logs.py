@@ -13,6 +13,7 @@ import subprocess
 import sys
 import uuid
 import warnings
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -318,3 +319,13 @@ print(outbox.logs.JsonFormatter().format(rec))
     data = json.loads(result.stdout)
     assert (data["event"], data["a"], data["logger"]) == ("outbox.x", 1, "outbox")
     assert "trace_id" not in data and "span_id" not in data
+
+
+def test_the_readme_sample_line_is_what_the_formatter_writes_for_its_message():
+    section = (ROOT / "README.md").read_text().split("### Logs", 1)[1].split("\n## ", 1)[0]
+    [sample] = [json.loads(line) for line in section.split("```json\n", 1)[1].split("```", 1)[0].splitlines()]
+    rec = record(sample["message"], extra={"trace_id": sample["trace_id"], "span_id": sample["span_id"]})
+    rec.created = datetime.fromisoformat(sample["time"]).timestamp()
+
+    assert as_json(rec) == sample
+    assert list(as_json(rec)) == list(sample)
