@@ -252,12 +252,22 @@ CELERY_BEAT_SCHEDULE = {**beat_schedule(OUTBOX), **listeners_beat_schedule(LISTE
 
 # --- Logging --------------------------------------------------------------------------
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")
+# LOG_FORMAT=json: one JSON object per line for a log pipeline (outbox.logs.JsonFormatter, the
+# [json-logs] extra); the default stays the line a person reads. Only the chosen formatter is
+# configured, so the line format needs no python-json-logger.
+_LOG_FORMATTERS: dict[str, dict[str, Any]] = {
+    "line": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    "json": {"()": "outbox.logs.JsonFormatter"},
+}
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "").strip().lower() or "line"
+if LOG_FORMAT not in _LOG_FORMATTERS:
+    raise ImproperlyConfigured(
+        f"LOG_FORMAT={os.environ['LOG_FORMAT']!r} is not a log format (use {' or '.join(_LOG_FORMATTERS)})"
+    )
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {
-        "line": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
-    },
+    "formatters": {LOG_FORMAT: _LOG_FORMATTERS[LOG_FORMAT]},
     # A stop that was asked for (a listener's first SIGTERM/SIGINT) is logged as INFO, not WARNING.
     "filters": {
         "asked_stop": {"()": "ticketing.logs.AskedStopIsInfo"},
@@ -266,7 +276,7 @@ LOGGING = {
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
-            "formatter": "line",
+            "formatter": LOG_FORMAT,
             "stream": "ext://sys.stdout",
             "filters": ["asked_stop", "redact"],
         }
