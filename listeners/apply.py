@@ -57,6 +57,8 @@ class _Pending:
     event: Any = None
     ctx: Context | None = None
     decision: Decision | None = None
+    #: ``trace_id``/``span_id`` of the message's span (tracing on), for its log line.
+    trace: dict[str, str] | None = None
 
 
 class _ReadInboxFirst(Exception):
@@ -228,7 +230,14 @@ def _apply_group_as_set(group: Any, items: list[_Pending], applied: Applied, *, 
     if tracing.enabled():
         ended_ns = time.time_ns()
         for item in items:
-            tracing.record_after(item.delivery, item.event_id, item.version, item.decision, started_ns, ended_ns)  # type: ignore[arg-type]
+            item.trace = tracing.record_after(
+                item.delivery,
+                item.event_id,
+                item.version,
+                item.decision,  # type: ignore[arg-type]
+                started_ns,
+                ended_ns,
+            )
 
 
 def _is_exception_outcome(outcome: Any) -> bool:
@@ -327,6 +336,7 @@ def _apply_per_message(item: _Pending, applied: Applied | None) -> None:
             item.decision = _decide_handler_error(listener_cls, ctx, item.delivery, applied, exc)
         item.decision.ms = (time.perf_counter() - item.started) * 1000
         tracing.record(span, item.decision)
+        item.trace = tracing.ids(span)
 
 
 # --- what a handler's exception costs -------------------------------------------------
@@ -382,4 +392,5 @@ def _log_decision(item: _Pending) -> None:
         item.delivery.deliveries,
         decision.ms,
         f" error={decision.error!r}" if decision.error else "",
+        extra=item.trace,
     )

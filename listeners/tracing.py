@@ -57,6 +57,17 @@ def _forget(*, setting: str, **_: Any) -> None:
 setting_changed.connect(_forget, dispatch_uid="listeners.tracing")
 
 
+_made: Any = None
+
+
+def _tracer() -> Any:
+    """The ``listeners`` tracer, made once (a proxy until a provider is installed, then that provider's)."""
+    global _made
+    if _made is None:
+        _made = trace.get_tracer("listeners", __version__)
+    return _made
+
+
 def _start(delivery: Delivery, event_id: str, version: Any, start_ns: int | None = None) -> Any:
     headers = delivery.headers
     attributes = outbox_tracing.event_attributes(
@@ -76,7 +87,7 @@ def _start(delivery: Delivery, event_id: str, version: Any, start_ns: int | None
     attributes["listeners.deliveries"] = delivery.deliveries
     if delivery.listener is not None:
         attributes["listeners.listener"] = delivery.listener.__name__
-    return trace.get_tracer("listeners", __version__).start_span(
+    return _tracer().start_span(
         f"process {delivery.event_name}",
         context=outbox_tracing.extract(headers),
         kind=SpanKind.CONSUMER,
@@ -96,6 +107,15 @@ def processing(delivery: Delivery, event_id: str, version: Any) -> Iterator[Any]
         yield span
 
 
+def ids(span: Any) -> dict[str, str] | None:
+    """``trace_id`` / ``span_id`` of ``span`` in hex, for the log line written after the commit (outside
+    the span): ``outbox.logs`` writes them into JSON lines."""
+    if span is None:
+        return None
+    context = span.get_span_context()
+    return {"trace_id": format(context.trace_id, "032x"), "span_id": format(context.span_id, "016x")}
+
+
 def record(span: Any, decision: Decision) -> None:
     """The outcome on the span; a retry or a dead letter is an error."""
     if span is None:
@@ -107,8 +127,9 @@ def record(span: Any, decision: Decision) -> None:
 
 def record_after(
     delivery: Delivery, event_id: str, version: Any, decision: Decision, start_ns: int, end_ns: int
-) -> None:
-    """A span for a message the set path handled (one ``handle_batch`` call for many events)."""
+) -> dict[str, str] | None:
+    """A span for a message the set path handled (one ``handle_batch`` call for many events); its ids."""
     span = _start(delivery, event_id, version, start_ns)
     record(span, decision)
     span.end(end_time=end_ns)
+    return ids(span)

@@ -201,7 +201,8 @@ class TraceIds(logging.Filter):
     """Puts ``trace_id`` and ``span_id`` on every record (empty strings when no span is current)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.trace_id, record.span_id = current_trace_ids()
+        if not (getattr(record, "trace_id", "") and getattr(record, "span_id", "")):  # given by the caller
+            record.trace_id, record.span_id = current_trace_ids()
         return True
 
 

@@ -64,9 +64,16 @@ def _forget(*, setting: str, **_: Any) -> None:
 setting_changed.connect(_forget, dispatch_uid="outbox.tracing")
 
 
+_tracer: Any = None
+
+
 def tracer() -> Any:
-    """The ``outbox`` tracer of the global provider (a proxy until the project installs one)."""
-    return trace.get_tracer("outbox", __version__)
+    """The ``outbox`` tracer of the global provider, made once: before a provider is installed it is a
+    proxy that follows the provider installed later (the SDK makes a new Tracer per call, ~100 µs)."""
+    global _tracer
+    if _tracer is None:
+        _tracer = trace.get_tracer("outbox", __version__)
+    return _tracer
 
 
 def inject(headers: dict[str, Any]) -> None:
@@ -125,22 +132,21 @@ def publish_spans(
     spans = 0
     for row, stream, sequence in published:
         if row.headers and TRACEPARENT in row.headers:
-            span = _publish_span(row, subjects, start_ns)
-            span.set_attribute("messaging.nats.stream", stream)
-            span.set_attribute("messaging.nats.stream_sequence", sequence)
+            span = _publish_span(
+                row, subjects, start_ns, {"messaging.nats.stream": stream, "messaging.nats.stream_sequence": sequence}
+            )
             span.end(end_time=end_ns)
             spans += 1
     for row, failure in failed:
         if row.headers and TRACEPARENT in row.headers:
-            span = _publish_span(row, subjects, start_ns)
-            span.set_attribute("error.type", failure.kind)
+            span = _publish_span(row, subjects, start_ns, {"error.type": failure.kind})
             span.set_status(Status(StatusCode.ERROR, failure.reason[:500]))
             span.end(end_time=end_ns)
             spans += 1
     return spans
 
 
-def _publish_span(row: ClaimedRow, subjects: Any, start_ns: int) -> Any:
+def _publish_span(row: ClaimedRow, subjects: Any, start_ns: int, more: dict[str, Any]) -> Any:
     try:
         destination = subjects[row.subject]
     except Exception:  # noqa: BLE001 - an unknown event name is the publish's error, not the span's
@@ -156,6 +162,7 @@ def _publish_span(row: ClaimedRow, subjects: Any, start_ns: int) -> Any:
     attributes["messaging.operation.name"] = "publish"
     attributes["messaging.operation.type"] = "send"
     attributes["outbox.attempts"] = row.attempts
+    attributes.update(more)
     return tracer().start_span(
         f"publish {row.subject}",
         context=extract(row.headers),

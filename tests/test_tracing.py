@@ -180,3 +180,26 @@ def test_tracing_off_writes_no_context_and_makes_no_spans(spans, settings):
 def test_a_write_outside_any_span_carries_no_context(spans):
     ticket_create(title="Concert", price="20", user_id="seller")
     assert not {"traceparent", "tracestate"} & set(OutboxEvent.objects.get().headers)
+
+
+def test_a_listeners_event_log_line_carries_its_messages_trace_and_span_ids(spans, caplog):
+    """The line is written after the commit, outside the span: the ids travel with the record, so a
+    JSON line (outbox.logs.JsonFormatter) names the span that applied the event."""
+    import json
+    import logging
+
+    from outbox.logs import JsonFormatter
+
+    ticket = ticket_create(title="Concert", price="20", user_id="seller")
+    with trace.get_tracer("test").start_as_current_span("edit ticket"):
+        ticket_update(ticket_id=ticket.id, expected_version=0, title="Concert (late)", price="25")
+    Relay().drain()
+    with caplog.at_level(logging.INFO, logger="listeners.events"):
+        listen_tickets(2)
+
+    [process] = spans()["process ticket:updated"]
+    [record] = [r for r in caplog.records if "subject=ticket:updated" in r.getMessage()]
+    line = json.loads(JsonFormatter().format(record))
+    assert line["trace_id"] == f"{process.context.trace_id:032x}"
+    assert line["span_id"] == f"{process.context.span_id:016x}"
+    assert line["event"] == "listener.event" and line["outcome"] == "applied"
