@@ -203,3 +203,41 @@ def test_a_listeners_event_log_line_carries_its_messages_trace_and_span_ids(span
     assert line["trace_id"] == f"{process.context.trace_id:032x}"
     assert line["span_id"] == f"{process.context.span_id:016x}"
     assert line["event"] == "listener.event" and line["outcome"] == "applied"
+
+
+def test_the_example_prints_a_relay_workers_spans_with_otel_traces_exporter_console(spans, tmp_path):
+    """A real relay process of the example project, its SDK installed by ticketing/tracing.py."""
+    import json
+    import subprocess
+
+    from tests.helpers import PYTHON, ROOT, subprocess_env
+
+    ticket = ticket_create(title="Concert", price="20", user_id="seller")
+    with trace.get_tracer("test").start_as_current_span("edit ticket") as edit:
+        ticket_update(ticket_id=ticket.id, expected_version=0, title="Concert (late)", price="25")
+    done = subprocess.run(
+        [PYTHON, str(ROOT / "manage.py"), "outbox_relay", "--drain", "--quiet"],
+        cwd=ROOT,
+        env=subprocess_env(OTEL_TRACES_EXPORTER="console", OTEL_SERVICE_NAME="relay-under-test"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert OutboxEvent.objects.filter(status=OutboxStatus.PUBLISHED).count() == 2
+    # ConsoleSpanExporter writes each span as an indented JSON object; find the publish span's.
+    decoder, text, printed = json.JSONDecoder(), done.stdout, []
+    at = text.find("{")
+    while at != -1:
+        try:
+            span, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:  # a brace in a log line
+            at = text.find("{", at + 1)
+            continue
+        printed.append(span)
+        at = text.find("{", end)
+    [publish] = [s for s in printed if s.get("name") == "publish ticket:updated"]
+    assert publish["context"]["trace_id"] == f"0x{edit.get_span_context().trace_id:032x}"
+    assert publish["parent_id"] == f"0x{edit.get_span_context().span_id:016x}"
+    assert publish["resource"]["attributes"]["service.name"] == "relay-under-test"
+    assert not [s for s in printed if s.get("name") == "publish ticket:created"]
