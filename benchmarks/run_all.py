@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "listener_throughput": ("listener_throughput.py", []),
     "memory": ("memory.py", []),
     "durability": ("durability.py", []),
+    "tracing": ("tracing.py", []),
 }
 
 

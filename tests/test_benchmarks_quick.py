@@ -26,6 +26,7 @@ EXPECTED = {
     "listener_throughput",
     "memory",
     "durability",
+    "tracing",
 }
 
 

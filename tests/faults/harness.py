@@ -221,6 +221,20 @@ def applied() -> int:
     return InboxEntry.objects.count()
 
 
+def after_time_and_progress(counter, rng: random.Random, seconds: tuple[float, float], events: int) -> bool:
+    """Wait a random time in ``seconds`` and until ``counter()`` advanced by ``events`` at least: a
+    schedule of faults that holds whatever rate the machine sustains, never striking a stack that has
+    not moved since the last fault. False when the counter stopped advancing (the load is over)."""
+    target = counter() + events
+    due = time.monotonic() + rng.uniform(*seconds)
+    try:
+        wait_for(lambda: counter() >= target, timeout=60, interval=0.05, what="progress")
+    except AssertionError:
+        return False
+    time.sleep(max(0.0, due - time.monotonic()))  # the schedule itself, not a wait for a condition
+    return True
+
+
 def after_progress(counter, rng: random.Random, low: int, high: int, *, timeout: float = 20.0) -> bool:
     """Wait until ``counter()`` advanced by a random step: faults land at random points of a batch.
 
