@@ -295,6 +295,7 @@ def test_nats_status_json_lists_the_streams_and_consumers():
     assert stream_name("TICKETS") in [s["stream"] for s in doc["streams"]]
     consumer = next(c for c in doc["consumers"] if c["stream"] == stream_name("TICKETS"))
     assert consumer["name"] == "replica-TICKETS" and consumer["num_pending"] == 1
+    assert consumer["lag_seconds"] > 0  # the unconsumed message waits
 
 
 @pytest.mark.django_db(transaction=True)
@@ -307,6 +308,8 @@ def test_nats_status_prints_tables_of_channels_and_clients():
     text = out.getvalue()
     assert "channels" in text and "clients" in text
     assert stream_name("TICKETS") in text and "replica-TICKETS" in text
+    header = next(line for line in text.splitlines() if "consumer" in line and "ack pending" in line)
+    assert " lag " in header  # the consumer's lag in time, next to its counts
 
 
 def test_nats_status_fails_with_a_clear_message_when_nats_is_unreachable(nats_down):
