@@ -106,7 +106,7 @@ class BatchSteps:
             started = time.perf_counter()
             with cursor() as cur:
                 rows = job(cur)
-            metrics.STAGE_SECONDS.labels("claim").observe(time.perf_counter() - started)
+            metrics.CLAIM_SECONDS.observe(time.perf_counter() - started)
             return self._claimed(self.partitions.owner, True, rows)
         owner = uuid.uuid4().hex
         started = time.perf_counter()
@@ -117,7 +117,7 @@ class BatchSteps:
             exhaustive=exhaustive,
             in_flight=sum(len(b.rows) for b in inflight),
         )
-        metrics.STAGE_SECONDS.labels("claim").observe(time.perf_counter() - started)
+        metrics.CLAIM_SECONDS.observe(time.perf_counter() - started)
         return self._claimed(owner, False, rows)
 
     def claim_first(self) -> Batch | None:
@@ -142,7 +142,7 @@ class BatchSteps:
                 started = time.perf_counter()
                 with cursor() as cur:
                     rows = partition_job(cur)
-                metrics.STAGE_SECONDS.labels("claim").observe(time.perf_counter() - started)
+                metrics.CLAIM_SECONDS.observe(time.perf_counter() - started)
                 return self._claimed(owner, True, rows)
 
             return job
@@ -194,7 +194,7 @@ class BatchSteps:
     def collect(self, batch: Batch) -> PublishResult:
         """The batch's publish outcome (waiting for it until its deadline)."""
         result = self._collect(batch)
-        metrics.STAGE_SECONDS.labels("publish").observe(time.perf_counter() - batch.started_at)
+        metrics.PUBLISH_SECONDS.observe(time.perf_counter() - batch.started_at)
         return result
 
     def _collect(self, batch: Batch) -> PublishResult:
@@ -223,7 +223,7 @@ class BatchSteps:
         acknowledged_ns = time.time_ns()
         started = time.perf_counter()
         failed, dead = mark_results(result, owner=batch.owner, conf=self.conf, by_partitions=batch.by_partitions)
-        metrics.STAGE_SECONDS.labels("mark").observe(time.perf_counter() - started)
+        metrics.MARK_SECONDS.observe(time.perf_counter() - started)
         if tracing.enabled():
             tracing.publish_spans(
                 published=result.published,
