@@ -191,7 +191,9 @@ class Stack:
         with override_settings(NATS=dict(settings.NATS, SERVERS=[self.nats.url])):
 
             def check():
+                started = time.monotonic()
                 report = verify(allow_stream_duplicates=allow_stream_duplicates)
+                report.counts["verify_seconds"] = round(time.monotonic() - started, 1)
                 last["report"] = report
                 return report.ok
 
