@@ -22,15 +22,9 @@ own (``outbox.*``); README "Observability" lists them.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.core.signals import setting_changed
-
-from outbox import __version__
-
-if TYPE_CHECKING:
-    from outbox.relay.failures import Failure
-    from outbox.relay.rows import ClaimedRow
 
 try:
     from opentelemetry import propagate, trace
@@ -72,7 +66,7 @@ def tracer() -> Any:
     proxy that follows the provider installed later (the SDK makes a new Tracer per call, ~100 µs)."""
     global _tracer
     if _tracer is None:
-        _tracer = trace.get_tracer("outbox", __version__)
+        _tracer = trace.get_tracer("outbox")  # no version: the package's __init__ would be an import circle
     return _tracer
 
 
@@ -120,13 +114,16 @@ def event_attributes(
 
 def publish_spans(
     *,
-    published: Iterable[tuple[ClaimedRow, str, int]],
-    failed: Iterable[tuple[ClaimedRow, Failure]],
+    published: Iterable[tuple[Any, str, int]],
+    failed: Iterable[tuple[Any, Any]],
     subjects: Any,
     start_ns: int,
     end_ns: int,
 ) -> int:
-    """One PRODUCER span per row of a batch that carries a trace context; returns how many."""
+    """One PRODUCER span per row of a batch that carries a trace context; returns how many.
+
+    ``published``: (ClaimedRow, stream, stream sequence); ``failed``: (ClaimedRow, Failure) — typed
+    loosely here: this module sits below the relay package and imports nothing of it."""
     if not enabled():
         return 0
     spans = 0
@@ -146,7 +143,7 @@ def publish_spans(
     return spans
 
 
-def _publish_span(row: ClaimedRow, subjects: Any, start_ns: int, more: dict[str, Any]) -> Any:
+def _publish_span(row: Any, subjects: Any, start_ns: int, more: dict[str, Any]) -> Any:
     try:
         destination = subjects[row.subject]
     except Exception:  # noqa: BLE001 - an unknown event name is the publish's error, not the span's
