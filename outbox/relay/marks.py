@@ -86,6 +86,8 @@ def mark_results(
         if by_partitions
         else "o.lease_owner = %(owner)s"
     )
+    # Partition marks run on the relay's own sessions: prepared, as its claims are (relay/database.py).
+    prepare = by_partitions and postgres
     with transaction.atomic() if statements > 1 else nullcontext(), cursor() as cur:
         if result.published and postgres:
             streams = {st for _, st, _ in result.published}
@@ -109,6 +111,7 @@ def mark_results(
                     "streams": " ".join([st for _, st, _ in result.published]),
                     "owner": owner,
                 },
+                prepare=prepare,
             )
             if cur.rowcount != len(result.published):
                 logger.warning(
@@ -146,6 +149,7 @@ def mark_results(
                     "now": now,
                     "owner": owner,
                 },
+                prepare=prepare,
             )
         elif failures:
             cur.executemany(

@@ -88,7 +88,8 @@ def claim_partitions(
         window="LIMIT %(window)s" if window is not None else "",
     )
     params = {"now": timezone.now(), "inflight": inflight, "limit": limit, "window": window, "partitions": partitions}
-    cur.execute(sql, params)
+    # Prepared (a relay with partitions has a session of its own): no planning on every claim.
+    cur.execute(sql, params, prepare=True)
     rows = []
     seen = 0
     for r in cur.fetchall():
