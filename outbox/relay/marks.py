@@ -34,10 +34,42 @@ logger = logging.getLogger("outbox.relay")
 ASYNC_COMMIT = "(SELECT set_config('synchronous_commit', 'off', true)) AS async_commit"
 
 
+#: "Still pending", as the marks' fence writes it: a value the planner knows only when the statement
+#: runs, so that it cannot match the partial index ``outbox_pending_seq`` and must find the batch's
+#: rows by primary key. With ``'pending'`` written out and no statistics on the table (a backlog
+#: bulk-loaded after an outage), the planner believed the pending set tiny and hash-joined the
+#: batch against a full scan of that index: 84 ms per mark of 100 rows in a 100,000-row backlog,
+#: 4 ms this way (docs/relay.md, "Plans that do not depend on statistics").
+PENDING = "(SELECT 'pending')"
+
+#: A partition mark writes only rows still pending, while the session holding the partitions
+#: ("pid@backend_start") is alive. ``pg_stat_get_activity(pid)`` reads that one backend's entry: a
+#: third of the CPU of the ``pg_stat_activity`` view, which reads every backend and joins two catalogs.
+PARTITION_FENCE = (
+    f"o.status = {PENDING} AND EXISTS (SELECT 1 FROM pg_stat_get_activity(split_part(%(owner)s, '@', 1)::int) a "  # noqa: S608 - constants only
+    "WHERE a.backend_start = split_part(%(owner)s, '@', 2)::timestamptz)"
+)
+
+
 def backoff_seconds(attempt: int, conf: OutboxSettings) -> float:
     """Exponential backoff with full jitter in the upper half, capped."""
     ceiling = min(conf.BACKOFF_MAX, conf.BACKOFF_BASE * (2 ** max(attempt - 1, 0)))
     return ceiling / 2 + random.random() * ceiling / 2  # noqa: S311 - jitter, not crypto
+
+
+def published_sql(*, async_commit: str, fence: str, one_stream: bool) -> str:
+    """The PostgreSQL mark of a batch's published rows: one ``UPDATE ... FROM unnest(...)``."""
+    streams = "%(stream)s::text" if one_stream else "unnest(string_to_array(%(streams)s, ' '))"
+    return f"""
+        UPDATE {TABLE} AS o SET status = 'published', published_at = %(now)s, stream = v.stream,
+            stream_sequence = v.sseq, lease_until = NULL, lease_owner = '',
+            attempts = o.attempts + 1, last_error = '', failing_since = NULL
+        FROM {async_commit}
+             (SELECT unnest(string_to_array(%(ids)s, ',')::uuid[]) AS id,
+                     unnest(string_to_array(%(sseqs)s, ',')::bigint[]) AS sseq,
+                     {streams} AS stream) AS v
+        WHERE o.id = v.id AND {fence}
+        """  # noqa: S608 - table name and constants only
 
 
 def mark_results(
@@ -78,31 +110,14 @@ def mark_results(
         return 0, 0
     # Not inside a caller's transaction: its commit is not ours to make asynchronous.
     async_commit = ASYNC_COMMIT + ", " if postgres and not connection.in_atomic_block else ""
-    # pg_stat_get_activity(pid) reads that one backend's entry: a third of the CPU of the
-    # pg_stat_activity view (which reads every backend and joins two catalogs) in every mark.
-    fence = (
-        "o.status = 'pending' AND EXISTS (SELECT 1 FROM pg_stat_get_activity(split_part(%(owner)s, '@', 1)::int) a "
-        "WHERE a.backend_start = split_part(%(owner)s, '@', 2)::timestamptz)"
-        if by_partitions
-        else "o.lease_owner = %(owner)s"
-    )
+    fence = PARTITION_FENCE if by_partitions else "o.lease_owner = %(owner)s"
     # Partition marks run on the relay's own sessions: prepared, as its claims are (relay/database.py).
     prepare = by_partitions and postgres
     with transaction.atomic() if statements > 1 else nullcontext(), cursor() as cur:
         if result.published and postgres:
             streams = {st for _, st, _ in result.published}
             cur.execute(
-                f"""
-                UPDATE {TABLE} AS o SET status = 'published', published_at = %(now)s, stream = v.stream,
-                    stream_sequence = v.sseq, lease_until = NULL, lease_owner = '',
-                    attempts = o.attempts + 1, last_error = '', failing_since = NULL
-                FROM {async_commit}
-                     (SELECT unnest(string_to_array(%(ids)s, ',')::uuid[]) AS id,
-                             unnest(string_to_array(%(sseqs)s, ',')::bigint[]) AS sseq,
-                             {"%(stream)s::text" if len(streams) == 1 else "unnest(string_to_array(%(streams)s, ' '))"}
-                             AS stream) AS v
-                WHERE o.id = v.id AND {fence}
-                """,  # noqa: S608
+                published_sql(async_commit=async_commit, fence=fence, one_stream=len(streams) == 1),
                 {
                     "now": now,
                     "ids": ",".join([r.id for r, _, _ in result.published]),

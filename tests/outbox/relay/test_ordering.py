@@ -26,8 +26,8 @@ from outbox.relay import PublishResult, Relay
 from outbox.relay.chains import publish_rows
 from outbox.relay.database import LOCK_CLASS, cursor
 from outbox.relay.leases import claim_leased_batch, contiguous_rows
-from outbox.relay.marks import mark_results
-from outbox.relay.partitions import CLAIM_SQL, PARTITIONS, Partitions, claim_from_partitions
+from outbox.relay.marks import PARTITION_FENCE, mark_results, published_sql
+from outbox.relay.partitions import CLAIM_SQL, PARTITIONS, Partitions, claim_from_partitions, claim_partitions
 from outbox.relay.transport import JetStreamPublisher
 from outbox.streams import stream_name
 from tests import crashing_relay
@@ -278,6 +278,73 @@ def test_the_claim_reads_the_window_not_the_published_history():
     more, plan = claim_plan()
     assert more <= some * 1.2 + 20, (some, more)
     assert '"Seq Scan"' not in plan, plan
+
+
+def test_claims_and_marks_keep_their_plans_on_a_backlog_the_table_has_no_statistics_of():
+    """A backlog bulk-loaded into a table with no statistics (the operator's case after an outage):
+    the claim still walks ``outbox_pending_seq`` and stops after its window, and the mark still
+    finds its rows by primary key — with ``'pending'`` written out, the planner believed the
+    pending set tiny and hash-joined the batch against a scan of every pending row."""
+    with connection.cursor() as cur:
+        cur.execute("DELETE FROM pg_statistic WHERE starelid = 'outbox_outboxevent'::regclass")
+        cur.execute(
+            """
+            INSERT INTO outbox_outboxevent (id, subject, payload, headers, aggregate_type, aggregate_id,
+                aggregate_version, status, attempts, lease_owner, last_error, stream)
+            SELECT gen_random_uuid(), 'ticket:updated', jsonb_build_object('id', 'b' || g, 'version', 0),
+                   '{}'::jsonb, 'ticket', 'b' || g, 0, 'pending', 0, '', '', ''
+            FROM generate_series(1, 30000) AS g
+            """
+        )
+        cur.execute("SELECT reltuples, count(s.*) FROM pg_class c LEFT JOIN pg_statistic s ON s.starelid = c.oid "
+                    "WHERE c.oid = 'outbox_outboxevent'::regclass GROUP BY reltuples")  # fmt: skip
+        assert cur.fetchone() == (-1.0, 0)  # never analyzed, no column statistics
+    with cursor() as cur:
+        sql = CLAIM_SQL.format(partitions="", window="LIMIT %(window)s")
+        params = {"now": timezone.now(), "inflight": "", "limit": 100, "window": 200}
+        cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params)
+        claim_plan = json.dumps(cur.fetchone()[0][0]["Plan"])
+        ids = [str(i) for i in OutboxEvent.objects.order_by("seq").values_list("id", flat=True)[:100]]
+        mark = published_sql(async_commit="", fence=PARTITION_FENCE, one_stream=True)
+        cur.execute(
+            "EXPLAIN (FORMAT JSON) " + mark,
+            {
+                "now": timezone.now(),
+                "ids": ",".join(ids),
+                "sseqs": ",".join(str(n) for n in range(1, 101)),
+                "stream": "TICKETS",
+                "owner": "1@2026-01-01 00:00:00+00",
+            },
+        )
+        mark_plan = json.dumps(cur.fetchone()[0][0]["Plan"])
+    assert '"Index Name": "outbox_pending_seq"' in claim_plan and "Bitmap" not in claim_plan, claim_plan
+    assert '"Actual Rows": 200' in claim_plan, claim_plan  # the window, not the 30,000 pending rows
+    assert '"Index Name": "outbox_outboxevent_pkey"' in mark_plan, mark_plan
+    assert "outbox_pending_seq" not in mark_plan and "Hash Join" not in mark_plan, mark_plan
+
+
+def test_the_claim_after_a_wake_up_is_prepared_and_claims_behind_batches_in_flight_are_not():
+    """The claim with nothing in flight skips planning; one behind batches in flight is planned for
+    its parameters (a generic plan cannot know how many seqs are in flight, and did not hash them)."""
+    insert_ticket_events(aggregates=50, per_aggregate=2)
+
+    def executions() -> int:
+        with connection.cursor() as cur:
+            cur.execute("SELECT coalesce(sum(generic_plans + custom_plans), 0) FROM pg_prepared_statements")
+            return cur.fetchone()[0]
+
+    with cursor() as cur:
+        first = claim_partitions(cur, limit=10, window=20, inflight="", partitions=None)[0]
+    # Django's cursor and the relay's share the session: the prepared statement is visible here.
+    assert executions() == 1
+    inflight = ",".join(str(r.seq) for r in first)
+    with cursor() as cur:
+        behind = claim_partitions(cur, limit=10, window=40, inflight=inflight, partitions=None)[0]
+    assert executions() == 1, "a claim behind batches in flight ran the prepared statement"
+    assert behind and not {r.seq for r in behind} & {r.seq for r in first}
+    with cursor() as cur:
+        claim_partitions(cur, limit=10, window=20, inflight="", partitions=None)
+    assert executions() == 2
 
 
 # --- publishing -----------------------------------------------------------------------
