@@ -8,15 +8,16 @@ Commands::
 The case an operator meets after an outage: a backlog that built up while the relay could not
 publish, in a table whose statistics do not know it (autovacuum analyzes after 10 % of a table
 changed, and a table of millions of published rows does not get there). Here: the outbox table is
-truncated (its statistics reset), N pending rows of N different tickets (one event each) are
-bulk-inserted, and one ``outbox_relay --drain`` process drains them with **no ANALYZE**; then the
-same backlog again, after ``VACUUM ANALYZE``. The two run in the order stale, analyzed, analyzed,
-stale (drift of the shared machine falls on both alike) and each side's figure is the mean of its
-two drains. The first stale drain meets no statistics at all; the last one the statistics of an
-earlier backlog (TRUNCATE resets the row count, not the column statistics): missing and stale. Raw ``publish_async`` of the same bodies is measured after them (relay_throughput.py's
+truncated, N pending rows of N different tickets (one event each) are bulk-inserted, and one
+``outbox_relay --drain`` process drains them with **no ANALYZE**; then the same backlog again,
+after ``VACUUM ANALYZE``. The two run in the order stale, analyzed, analyzed, stale (drift of the
+shared machine falls on both alike) and each side's figure is the mean of its two drains. The
+first stale drain meets a table that was never analyzed (no statistics at all); the last one the
+statistics of an earlier backlog (TRUNCATE resets the row count, not the column statistics).
+
+Raw ``publish_async`` of the same bodies is measured after the drains (relay_throughput.py's
 ceiling): measured first, its 100,000 messages being written out and deleted slowed the drain
-that followed it by a third (11,672 vs 17,175 events/s, 2026-12-07), which made the first drain
-look slow for a reason that had nothing to do with statistics.
+that followed by a third (11,672 vs 17,175 events/s, 2026-12-07).
 
 Output: events/s of both sides; the figure is ``stale / analyzed``, target >= 0.9.
 """
