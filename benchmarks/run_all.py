@@ -34,7 +34,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "relay_throughput": ("relay_throughput.py", []),
     "relay_history": ("relay_history.py", []),
     "relay_statistics": ("relay_statistics.py", []),
-    "latency": ("latency.py", ["--rates", "200,1000,2000"]),
+    "latency": ("latency.py", ["--rates", "20,200,1000"]),
     "write_overhead": ("write_overhead.py", []),
     "listener_throughput": ("listener_throughput.py", []),
     "memory": ("memory.py", []),
