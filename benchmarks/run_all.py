@@ -147,6 +147,8 @@ def attainment(row: dict) -> float | None:
     target = row["target_value"]
     if subject is None or subject == 0 or (isinstance(subject, float) and math.isnan(subject)):
         return None
+    if not target:
+        return None  # a figure reported with no target to reach (e.g. durability's cost): not charted
     return subject / target if row["target_op"] == ">=" else target / subject
 
 
