@@ -298,3 +298,30 @@ class PrivateRedis:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def update_tickets_concurrently(ticket_ids: list[Any], *, updates: int) -> None:
+    """One thread per ticket, each updating its ticket ``updates`` times (price 2, 3, ...) through
+    ``ticket_update``, the tickets at version 0; returns when all are done, raising the first error."""
+    import threading
+
+    from ticketing.services import ticket_update
+
+    errors: list[BaseException] = []
+
+    def write(ticket_id: Any) -> None:
+        try:
+            for version in range(updates):
+                ticket_update(ticket_id=ticket_id, expected_version=version, price=str(version + 2))
+        except BaseException as exc:  # noqa: BLE001 - raised in the calling thread below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    writers = [threading.Thread(target=write, args=(t,), name=f"writer-{n}") for n, t in enumerate(ticket_ids)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    if errors:
+        raise errors[0]

@@ -19,8 +19,8 @@ from django.conf import settings
 from outbox import kick
 from outbox.conf import outbox_settings
 from outbox.models import OutboxEvent
-from tests.helpers import celery_worker, manage, stop, subprocess_env, wait_for
-from ticketing.services import ticket_create, ticket_update
+from tests.helpers import celery_worker, manage, stop, subprocess_env, update_tickets_concurrently, wait_for
+from ticketing.services import ticket_create
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -197,26 +197,8 @@ def test_a_worker_without_beat_publishes_every_event_of_concurrent_writers(logs)
     # task that drained after that commit, including commits that land while a task drains.
     tickets = [ticket_create(title=f"T{n}", price="1", user_id="u").id for n in range(4)]
     worker = celery_worker(env=subprocess_env(OUTBOX_WAKE="kick"), log=logs / "worker.log")
-    errors: list[BaseException] = []
-
-    def write(ticket_id) -> None:
-        from django.db import connection
-
-        try:
-            for n in range(25):
-                ticket_update(ticket_id=ticket_id, price=str(n + 2))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-        finally:
-            connection.close()
-
     try:
-        writers = [threading.Thread(target=write, args=(t,)) for t in tickets]
-        for w in writers:
-            w.start()
-        for w in writers:
-            w.join()
-        assert errors == []
+        update_tickets_concurrently(tickets, updates=25)
         wait_for(
             lambda: not OutboxEvent.objects.exclude(status="published").exists(),
             timeout=120,

@@ -14,7 +14,7 @@ from django.db import connection, transaction
 from outbox.conf import NOTIFY_CHANNEL, outbox_settings
 from outbox.kick import _flag_key
 from outbox.models import OutboxEvent
-from tests.helpers import celery_worker, stop, subprocess_env, wait_for
+from tests.helpers import celery_worker, stop, subprocess_env, update_tickets_concurrently, wait_for
 from ticketing.services import ticket_create, ticket_update
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -176,7 +176,6 @@ def test_commits_that_land_while_a_drain_runs_are_published_on_their_own_notify(
     """A drain that ends after a claim saw everything leaves later commits to their notifications:
     none may wait for the poll. Every batch's publish is held back 30 ms so that commits land
     while drains are in flight."""
-    import threading
     import time
 
     from outbox.relay import hooks
@@ -184,25 +183,9 @@ def test_commits_that_land_while_a_drain_runs_are_published_on_their_own_notify(
     tickets = [ticket_create(title=f"T{i}", price="1", user_id="u").id for i in range(4)]
     wait_for(lambda: published() == 4, timeout=60, what="the tickets' events published")
     unregister = hooks.register(hooks.AFTER_CLAIM, lambda rows: time.sleep(0.03))
-    errors = []
-
-    def write(ticket_id) -> None:
-        try:
-            for version in range(25):
-                ticket_update(ticket_id=ticket_id, expected_version=version, price=str(version + 2))
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-        finally:
-            connection.close()
-
     try:
-        writers = [threading.Thread(target=write, args=(t,)) for t in tickets]
         started = time.monotonic()
-        for w in writers:
-            w.start()
-        for w in writers:
-            w.join()
-        assert not errors
+        update_tickets_concurrently(tickets, updates=25)
         # Well inside the 120 s poll: only the notifications can have done it.
         wait_for(lambda: published() == 104, timeout=60, what="all 100 updates published")
         assert time.monotonic() - started < 100
