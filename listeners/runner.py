@@ -54,7 +54,7 @@ from listeners.health import HealthFile
 from listeners.hooks import AFTER_COMMIT, BEFORE_APPLY, LOOP_TURN, call_hooks
 from listeners.plan import ConsumerPlan, durable_slug, plan_consumers, subjects_by_stream
 from listeners.pull import Pull, make_pull, quietly
-from listeners.stream_check import StreamNotReady, streams_check
+from listeners.stream_check import CLUSTER_SETTLE, StreamNotReady, streams_check
 from outbox.broker import connect, connect_options
 from outbox.errors import OutboxError
 from outbox.streams import event_name_from_subject
@@ -140,7 +140,9 @@ class ListenerRunner:
         try:
             js = self.nc.jetstream(timeout=5)
             needed = subjects_by_stream(self.listener_classes, requested=self.subjects)
-            stream_subjects = await streams_check(js, needed)
+            # Given several servers (a cluster), "no such stream" may come from a node without a quorum.
+            settle = CLUSTER_SETTLE if len(self.nc.servers) > 1 else 0.0
+            stream_subjects = await streams_check(js, needed, settle=settle)
             version = self.nc.connected_server_version
             self.plans = plan_consumers(
                 self.listener_classes,

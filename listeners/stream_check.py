@@ -8,6 +8,8 @@ shrink the producer's subjects, and it would need stream-admin rights for nothin
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterable, Mapping
 
 from nats.js import JetStreamContext
@@ -35,19 +37,34 @@ def subject_matches(pattern: str, subject: str) -> bool:
     return len(parts) == len(wanted)
 
 
-async def streams_check(js: JetStreamContext, needed: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
+#: Seconds a clustered server's "no such stream" is asked again before it is believed. A node that
+#: lost its peers answers from its own view until its JetStream meta leader steps down for want of
+#: a quorum (nats-server: 10 s without it); after that it answers that JetStream is unavailable.
+CLUSTER_SETTLE = 12.0
+
+
+async def streams_check(
+    js: JetStreamContext, needed: Mapping[str, Iterable[str]], *, settle: float = 0.0
+) -> dict[str, list[str]]:
     """Each stream's subjects, after checking that it exists and takes the NATS subjects ``needed`` of it.
 
-    Raises :class:`StreamNotReady` for the first stream that does not.
+    Raises :class:`StreamNotReady` for the first stream that does not. ``settle``: on a cluster,
+    how long "no such stream" is asked again (every second) before it is believed
+    (:data:`CLUSTER_SETTLE`); another error on the way propagates.
     """
     taken: dict[str, list[str]] = {}
     for stream in sorted(needed):
-        try:
-            info = await js.stream_info(stream)
-        except NotFoundError:
-            raise StreamNotReady(
-                f'stream {stream} does not exist: run "{STREAMS_COMMAND}" on the producing service'
-            ) from None
+        deadline = time.monotonic() + settle
+        while True:
+            try:
+                info = await js.stream_info(stream)
+                break
+            except NotFoundError:
+                if time.monotonic() >= deadline:
+                    raise StreamNotReady(
+                        f'stream {stream} does not exist: run "{STREAMS_COMMAND}" on the producing service'
+                    ) from None
+                await asyncio.sleep(1.0)
         subjects = list(info.config.subjects or [])
         missing = [s for s in sorted(set(needed[stream])) if not any(subject_matches(p, s) for p in subjects)]
         if missing:

@@ -16,7 +16,7 @@ from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
 from listeners.models import DeadLetter
-from listeners.stream_check import subject_matches
+from listeners.stream_check import StreamNotReady, streams_check, subject_matches
 from outbox.contracts import registry
 from outbox.streams import nats_subject, stream_name
 from tests.listeners.helpers import _with_js, consumer_info, publish, run_manage, summary, ticket
@@ -77,6 +77,33 @@ def test_a_listener_whose_stream_is_missing_exits_1_with_one_line_naming_the_str
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr.strip().splitlines() == [f"CommandError: stream {tickets} does not exist: run {RUN}"]
     assert not stream_exists(tickets)
+
+
+def test_on_a_cluster_no_such_stream_is_asked_again_before_it_is_believed():
+    """A node that lost its peers may answer "no such stream" from its own view until it notices it
+    has no quorum: given ``settle``, the check asks again, and a stream that is there by then is found;
+    one that never comes is still refused, with the same one line."""
+    from outbox.streams import ensure_streams
+
+    name = stream_name("TICKETS")
+    wanted = {name: [nats_subject("ticket:created")]}
+
+    async def work(js):
+        async def appear_later():
+            await asyncio.sleep(1.5)
+            await ensure_streams(js)
+
+        creating = asyncio.ensure_future(appear_later())
+        taken = await streams_check(js, wanted, settle=10)
+        await creating
+        await js.delete_stream(name)
+        with pytest.raises(StreamNotReady, match="does not exist"):
+            await streams_check(js, wanted, settle=1.5)
+        return taken
+
+    assert not stream_exists(name)
+    taken = asyncio.run(_with_js(work))
+    assert any(subject_matches(p, nats_subject("ticket:created")) for p in taken[name])
 
 
 def test_a_listener_whose_stream_does_not_take_its_subject_exits_1_with_one_line_and_leaves_the_stream():
