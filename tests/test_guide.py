@@ -106,6 +106,7 @@ def test_the_wheel_carries_migrations_commands_templates_and_types_and_no_exampl
         "outbox/templates/admin/outbox/operations.html",
         "outbox/templates/admin/outbox/outboxevent/change_list.html",
         "outbox/py.typed",
+        "outbox/backends/postgresql/base.py",
         "listeners/migrations/0001_initial.py",
         "listeners/management/commands/listen.py",
         "listeners/templates/admin/listeners/deadletter/submit_line.html",
@@ -141,7 +142,7 @@ def project(venv, tmp_path):
     (home / "shopsite" / "settings.py").write_text(
         (home / "shopsite" / "settings.py").read_text()
         + f"""
-DATABASES = {{"default": {{"ENGINE": "django.db.backends.postgresql", "NAME": "{db}",
+DATABASES = {{"default": {{"ENGINE": "outbox.backends.postgresql", "NAME": "{db}",
     "HOST": "127.0.0.1", "PORT": 5432, "USER": "postgres"}}}}
 NATS = {{"SERVERS": {os.environ["NATS_URL"].split(",")!r}}}
 CELERY_BROKER_URL = {os.environ["CELERY_BROKER_URL"]!r}

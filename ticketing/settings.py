@@ -107,6 +107,9 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Django's backend, with each emitted outbox row sent in the COMMIT's round trip (README: Write path).
+    DATABASES["default"]["ENGINE"] = "outbox.backends.postgresql"
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the listener read while the relay writes; the timeout absorbs short write locks.
     DATABASES["default"]["OPTIONS"] = {
