@@ -17,10 +17,11 @@ from datetime import datetime, timedelta
 from django.db import transaction
 from django.utils import timezone
 
-from listeners.base import Listener, rows_source, set_cursor
+from listeners.base import Listener
 from listeners.conf import listeners_settings
 from listeners.delivery import Delivery, event_id_of
 from listeners.models import InboxEntry
+from listeners.sets import rows_source, set_cursor
 
 logger = logging.getLogger("listeners.inbox")
 
