@@ -71,11 +71,11 @@ def body(bench: Bench, args) -> dict:
     def use_django_backend(on: bool) -> None:
         # An instance attribute shadows the backend's class attribute: emit() then sends at once.
         if on:
-            connection.sends_outbox_rows_with_next_statement = False
+            connection.sends_with_next_statement = False
         else:
-            vars(connection).pop("sends_outbox_rows_with_next_statement", None)
+            vars(connection).pop("sends_with_next_statement", None)
 
-    if not getattr(connection, "sends_outbox_rows_with_next_statement", False):
+    if not getattr(connection, "sends_with_next_statement", False):
         raise RuntimeError(f"expected ENGINE outbox.backends.postgresql, got {connection.settings_dict['ENGINE']}")
     sides = ("with", "django", "without")
     times: dict[str, list[float]] = {side: [] for side in sides}

@@ -89,14 +89,26 @@ def apply_batch(deliveries: list[Delivery]) -> list[Decision]:
     a first delivery is almost never a duplicate, and if it is, the inbox's unique
     constraint refuses its row and the attempt is rolled back whole and run again with
     the read. One round trip less per batch in the steady flow.
+
+    On ``outbox.backends.postgresql`` the inbox INSERT of a batch whose last step is a set
+    travels with the COMMIT; a row recorded before (or concurrently, by a process sharing
+    the durable) then fails the commit, and the batch is run again reading the inbox first.
     """
     read = not _may_skip_inbox_read(deliveries)
     per_message: set[Any] = set()
+    commit_refused = False
     while True:
         try:
             items = _attempt_batch(deliveries, per_message, read=read)
         except _ReadInboxFirst:
             read = True
+            continue
+        except IntegrityError:
+            # Only the rows sent with the commit can fail there (an earlier statement's failure is
+            # decided inside the attempt): the inbox's, refused. Read it and try once more.
+            if read and commit_refused:
+                raise
+            read = commit_refused = True
             continue
         except _SetPathFailed as failed:
             # Nothing of this attempt was kept. (A lost connection is not a set failure: it
@@ -156,12 +168,14 @@ def _attempt_batch(deliveries: list[Delivery], per_message: set[Any], *, read: b
                 single.append(item)
             else:
                 groups.setdefault(group, []).append(item)
-        for group in sorted(groups, key=repr):
+        ordered = sorted(groups, key=repr)
+        for group in ordered:
             if group in per_message:
                 for item in sorted(groups[group], key=_aggregate_order):
                     _apply_per_message(item, applied)
             else:
-                _apply_group_as_set(group, groups[group], applied, read=read)
+                last = group is ordered[-1] and not single and not later
+                _apply_group_as_set(group, groups[group], applied, read=read, last=last)
         for item in sorted(single, key=_aggregate_order):
             _apply_per_message(item, applied)
         for item in later:
@@ -187,7 +201,9 @@ def _aggregate_order(item: _Pending) -> tuple[str, str]:
 # --- the set path ---------------------------------------------------------------------
 
 
-def _apply_group_as_set(group: Any, items: list[_Pending], applied: Applied, *, read: bool = True) -> None:
+def _apply_group_as_set(
+    group: Any, items: list[_Pending], applied: Applied, *, read: bool = True, last: bool = False
+) -> None:
     """The set-based path: one ``handle_batch`` call and one inbox INSERT, with no savepoint of their own.
 
     A savepoint around them would cost two round trips (SAVEPOINT, RELEASE) in every
@@ -199,6 +215,8 @@ def _apply_group_as_set(group: Any, items: list[_Pending], applied: Applied, *, 
     ``read=False`` (the inbox was not read): anything but a clean success — an event
     the listener did not apply, or the inbox INSERT meeting an event applied before —
     raises :class:`_ReadInboxFirst` instead, to decide it with the inbox read.
+
+    ``last``: nothing of the batch follows; the inbox rows may go with the COMMIT.
     """
     listener_cls = items[0].delivery.listener
     assert listener_cls is not None
@@ -211,7 +229,7 @@ def _apply_group_as_set(group: Any, items: list[_Pending], applied: Applied, *, 
             raise _ReadInboxFirst
         inbox_record_set([(item.delivery, item.event_id, cast(str, outcome) or "applied")
                           for item, outcome in zip(items, outcomes, strict=True)
-                          if not _is_exception_outcome(outcome)])  # fmt: skip
+                          if not _is_exception_outcome(outcome)], with_commit=last)  # fmt: skip
     except _ReadInboxFirst:
         raise
     except Exception as exc:  # the per-message path sorts out which event it was

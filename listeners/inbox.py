@@ -70,8 +70,13 @@ def inbox_record(*, consumer: str, event_id: str, subject: str, stream_sequence:
     )
 
 
-def inbox_record_set(rows: Sequence[tuple[Delivery, str, str]]) -> None:
-    """The inbox rows of a set — (delivery, event id, outcome) — in one INSERT, in order (their ids follow it)."""
+def inbox_record_set(rows: Sequence[tuple[Delivery, str, str]], *, with_commit: bool = False) -> None:
+    """The inbox rows of a set — (delivery, event id, outcome) — in one INSERT, in order (their ids follow it).
+
+    ``with_commit``: nothing else of the transaction follows but its COMMIT; on
+    ``outbox.backends.postgresql`` the INSERT then travels in the COMMIT's query (one round trip
+    less), and a row recorded before makes the commit fail with IntegrityError (see apply_batch).
+    """
     if not rows:
         return
     now = timezone.now()
@@ -85,13 +90,17 @@ def inbox_record_set(rows: Sequence[tuple[Delivery, str, str]]) -> None:
             ("processed_at", "timestamptz", [now] * len(rows)),
         ]
     )
+    sql = (
+        f"INSERT INTO {InboxEntry._meta.db_table} "  # noqa: S608 - the model's table
+        "(event_id, consumer, subject, stream_sequence, outcome, processed_at) "
+        f"SELECT {', '.join(exprs)} FROM {source} ORDER BY v._n"
+    )
+    connection = transaction.get_connection()
+    if with_commit and getattr(connection, "sends_with_next_statement", False):
+        connection.send_with_next(sql, params)
+        return
     with set_cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {InboxEntry._meta.db_table} "  # noqa: S608 - the model's table
-            "(event_id, consumer, subject, stream_sequence, outcome, processed_at) "
-            f"SELECT {', '.join(exprs)} FROM {source} ORDER BY v._n",
-            params,
-        )
+        cursor.execute(sql, params)
 
 
 def inbox_forget_consumer(*, consumer: str, reset: Iterable[type[Listener]] = ()) -> None:

@@ -111,21 +111,41 @@ def insert_new(model: type[models.Model], fields: list[models.Field], objs: list
         return cursor.rowcount
 
 
-def update_locked(model: type[models.Model], fields: list[models.Field], objs: list[models.Model]) -> int:
-    """UPDATE ... FROM unnest(...) of rows this transaction holds locked; ``fields[0]`` is the key."""
+def update_locked(
+    model: type[models.Model],
+    fields: list[models.Field],
+    objs: list[models.Model],
+    *,
+    only_after: models.Field | None = None,
+) -> int:
+    """UPDATE ... FROM unnest(...) of rows this transaction holds locked; ``fields[0]`` is the key.
+
+    With ``only_after`` (the version field, one of ``fields``) a row is updated only where it holds
+    the version just before the one written — the version rule's "apply", decided by the statement
+    itself (and a row it did not lock yet is locked by the UPDATE). Returns the rows updated.
+    """
+    if only_after is not None:
+        fields = [fields[0], only_after, *(f for f in fields[1:] if f is not only_after)]
     if connection.vendor != "postgresql":  # SQLite (the demo): one UPDATE per row, auto_now included
-        return sum(
-            model._default_manager.filter(pk=obj.pk).update(**{f.attname: f.pre_save(obj, False) for f in fields[1:]})
-            for obj in objs
-        )
+        updated = 0
+        for obj in objs:
+            rows = model._default_manager.filter(pk=obj.pk)
+            if only_after is not None:
+                rows = rows.filter(**{only_after.attname: getattr(obj, only_after.attname) - 1})
+            updated += rows.update(**{f.attname: f.pre_save(obj, False) for f in fields[1:]})
+        return updated
     qn = connection.ops.quote_name
     table = qn(model._meta.db_table)
     pk = qn(fields[0].column)
-    exprs, source, params = rows_source(_columns(fields, objs, add=False))
+    # With only_after the version is always unnested (v.<version>): the condition reads it once more.
+    exprs, source, params = rows_source(_columns(fields, objs, add=False), varying=1 if only_after is None else 2)
     assignments = ", ".join(f"{qn(f.column)} = {expr}" for f, expr in zip(fields[1:], exprs[1:], strict=True))
+    where = f"{table}.{pk} = v.{pk}"
+    if only_after is not None:
+        where += f" AND {table}.{qn(only_after.column)} = v.{qn(only_after.column)} - 1"
     with set_cursor() as cursor:
         cursor.execute(
-            f"UPDATE {table} SET {assignments} FROM {source} WHERE {table}.{pk} = v.{pk}",  # noqa: S608 - names from the model, values bound
+            f"UPDATE {table} SET {assignments} FROM {source} WHERE {where}",  # noqa: S608 - names from the model, values bound
             params,
         )
         return cursor.rowcount

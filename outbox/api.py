@@ -196,7 +196,7 @@ def _insert(connection: Any, using: str, fields: dict[str, Any]) -> OutboxEvent:
     for index, field in plan.callable_at:
         values[index] = field.get_default()
         params.append(field.get_db_prep_save(values[index], connection))
-    if getattr(connection, "sends_outbox_rows_with_next_statement", False):
+    if getattr(connection, "sends_with_next_statement", False):
         connection.send_with_next(plan.sql, params)  # outbox.backends.postgresql: no round trip of its own
     else:
         with connection.cursor() as cursor:

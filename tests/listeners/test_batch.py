@@ -55,6 +55,17 @@ class _Rollback(Exception):
     pass
 
 
+@pytest.fixture(params=["outbox.backends.postgresql", "django.db.backends.postgresql"])
+def engine(request):
+    """The test settings' backend, and Django's own: with it the inbox INSERT is a statement of its own."""
+    if request.param == "django.db.backends.postgresql":
+        connection.sends_with_next_statement = False  # shadows the backend's class attribute
+        yield request.param
+        del connection.sends_with_next_statement
+    else:
+        yield request.param
+
+
 def _state() -> tuple[dict, list]:
     replicas = {
         r.id: (r.version, r.title, str(r.price), r.user_id, r.order_id) for r in TicketReplica.objects.order_by("id")
@@ -89,7 +100,7 @@ def _run(batch: list[Delivery], held: dict[str, int], *, per_message: bool) -> t
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("seed", range(12))
-def test_set_based_batch_decides_and_writes_exactly_what_one_event_at_a_time_does(seed):
+def test_set_based_batch_decides_and_writes_exactly_what_one_event_at_a_time_does(seed, engine):
     rng = random.Random(seed)
     ids = ["a", "b", "c", "d"]
     held = {tid: rng.randrange(0, 3) for tid in rng.sample(ids, rng.randrange(0, 3))}
@@ -192,7 +203,7 @@ def test_a_row_created_by_another_process_after_the_lock_turns_into_a_per_messag
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("size", [50, 500])
-def test_a_batch_of_replica_events_costs_a_fixed_number_of_statements(size):
+def test_a_batch_of_replica_events_costs_a_fixed_number_of_statements(size, engine):
     TicketReplica.objects.bulk_create(
         [TicketReplica(id=f"u{n}", title="x", price=1, user_id="u", version=0) for n in range(size // 2)]
     )
@@ -210,11 +221,12 @@ def test_a_batch_of_replica_events_costs_a_fixed_number_of_statements(size):
 
 
 def _inbox_reads(queries) -> int:
-    return sum(q["sql"].startswith("SELECT") and "listeners_inboxentry" in q["sql"] for q in queries)
+    # (A statement that never ran — one whose rows sent before it failed — is logged with sql None.)
+    return sum((q["sql"] or "").startswith("SELECT") and "listeners_inboxentry" in q["sql"] for q in queries)
 
 
 @pytest.mark.django_db
-def test_first_deliveries_of_events_applied_before_are_duplicates_though_the_inbox_was_not_read_first():
+def test_first_deliveries_of_events_applied_before_are_duplicates_though_the_inbox_was_not_read_first(engine):
     """A re-publish after the dedup window is a first delivery: the inbox still absorbs it, nothing changes."""
     done = [delivery("d1", 0), delivery("d1", 1), delivery("d2", 0)]
     apply_batch(done)
@@ -277,3 +289,53 @@ def test_a_session_ended_by_the_server_is_a_lost_connection_even_before_the_sock
         raise OperationalError(str(error)) from error
     except OperationalError as exc:
         assert connection_lost(exc) is lost
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("held", "event", "outcome"),
+    [
+        ({"s": 1}, ("s", 2, "ticket:updated"), "applied"),
+        ({}, ("s", 0, "ticket:created"), "applied"),
+        ({"s": 2}, ("s", 2, "ticket:updated"), "stale"),
+        ({"s": 1}, ("s", 3, "ticket:updated"), "waiting"),
+        ({}, ("s", 1, "ticket:updated"), "waiting"),
+        ({"s": 0}, ("s", 0, "ticket:created"), "stale"),
+        ({"s": 0}, ("s", 1, "ticket:created"), "applied"),
+    ],
+)
+def test_a_batch_of_one_event_decides_what_the_locked_read_decides_and_applies_in_one_statement(held, event, outcome):
+    tid, version, name = event
+    batch = [delivery(tid, version, name=name)]
+    with CaptureQueriesContext(connection) as queries:
+        alone = _run(batch, held, per_message=False)
+    with mock.patch.object(VersionedReplicaListener, "_apply_alone", lambda *args: False):
+        locked = _run(batch, held, per_message=False)
+
+    assert alone == locked
+    assert alone[0][0][1] == outcome
+    locks = [q["sql"][:60] for q in queries if "FOR UPDATE" in q["sql"]]
+    if outcome == "applied" and not (name == "ticket:created" and held):
+        assert locks == []  # the INSERT or the conditional UPDATE alone
+    else:
+        assert locks  # it wrote nothing: the locked read decided (a gap reads again, with the inbox)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_sends_its_inbox_rows_in_its_commits_query_and_a_refused_commit_reads_the_inbox():
+    batch = [delivery("c1", 0), delivery("c2", 0)]
+    with CaptureQueriesContext(connection) as queries:
+        assert {d.outcome for d in apply_batch(batch)} == {"applied"}
+    last = queries.captured_queries[-1]["sql"]
+    assert last.startswith("INSERT INTO listeners_inboxentry") and last.endswith("; COMMIT"), last
+    assert InboxEntry.objects.count() == 2
+
+    # The same events again, as first deliveries (a re-publish): the inbox is not read first, so the
+    # commit is what refuses their rows; the batch runs again with the read and acks them as duplicates.
+    with CaptureQueriesContext(connection) as queries:
+        decisions = apply_batch([_copy(d) for d in batch])
+    assert [d.outcome for d in decisions] == ["duplicate", "duplicate"]
+    assert _inbox_reads(queries) == 1
+    assert any(q["sql"] == "ROLLBACK" for q in queries.captured_queries)
+    assert InboxEntry.objects.count() == 2
+    assert dict(TicketReplica.objects.values_list("id", "version")) == {"c1": 0, "c2": 0}

@@ -53,7 +53,7 @@ def rejecting_outbox() -> Iterator[str]:
 
 def test_the_settings_use_the_backend():
     assert connection.settings_dict["ENGINE"] == "outbox.backends.postgresql"
-    assert connection.sends_outbox_rows_with_next_statement
+    assert connection.sends_with_next_statement
 
 
 def test_emitted_rows_reach_the_server_in_the_commits_query():
@@ -127,12 +127,12 @@ def test_values_are_bound_safely_on_the_client():
 
 def test_without_the_backend_emit_sends_its_insert_at_once():
     connection.ensure_connection()
-    connection.sends_outbox_rows_with_next_statement = False  # as on Django's own backend
+    connection.sends_with_next_statement = False  # as on Django's own backend
     try:
         with transaction.atomic():
             emit(created())
             assert connection.deferred_statements == 0
             assert outbox_locks_of(connection.connection.info.backend_pid) > 0
     finally:
-        del connection.sends_outbox_rows_with_next_statement
+        del connection.sends_with_next_statement
     assert OutboxEvent.objects.count() == 1

@@ -15,6 +15,8 @@ this one, ``emit()`` leaves the INSERT on the connection, and the COMMIT sends i
 - Statements sent on the raw psycopg connection (``connection.connection``), not through a Django
   cursor, do not send the rows first.
 
+Any code may queue a statement the same way (``connection.send_with_next(sql, params)`` where
+``connection.sends_with_next_statement`` is true): the listeners queue a batch's inbox INSERT.
 Values are bound client-side (psycopg's ``ClientCursor``), as Django's default cursors bind them.
 """
 
@@ -43,8 +45,8 @@ Deferred = tuple[str, Sequence[Any]]
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
-    #: ``emit()`` hands its INSERT to ``send_with_next()`` on a connection that has this attribute.
-    sends_outbox_rows_with_next_statement = True
+    #: ``emit()`` (and a listener batch's inbox INSERT) go through ``send_with_next()`` where this is true.
+    sends_with_next_statement = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
