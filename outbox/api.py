@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple, cast
@@ -13,6 +12,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, models
 from outbox import tracing
 from outbox.contracts import Event, payload_from_event, plain_json
 from outbox.errors import NotInTransactionError, UnrelayedDatabaseError
+from outbox.ids import uuid7
 from outbox.kick import kick_relay_after_commit, kicks_on_commit
 from outbox.models import OutboxEvent
 
@@ -75,7 +75,7 @@ def emit(
         agg_type, agg_id = aggregate[0], str(aggregate[1])
     if aggregate_version is not None:
         version = aggregate_version
-    event_id = uuid.uuid4()
+    event_id = uuid7()
     meta: dict[str, Any] = dict(_context.get())
     meta.setdefault("correlation-id", str(event_id))
     if headers:

@@ -9,11 +9,11 @@ flight*: a relay claimed it and is publishing it.
 
 from __future__ import annotations
 
-import uuid
-
 from django.db import models
 from django.db.models import Q
 from django.db.models.functions import Now
+
+from outbox.ids import uuid7
 
 
 class OutboxStatus(models.TextChoices):
@@ -23,8 +23,9 @@ class OutboxStatus(models.TextChoices):
 
 
 class OutboxEvent(models.Model):
-    #: The event's identity everywhere: primary key, Nats-Msg-Id and the consumers' inbox key.
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    #: The event's identity everywhere: primary key, Nats-Msg-Id and the consumers' inbox key. A UUIDv7
+    #: (time-ordered, outbox/ids.py), so new rows' index entries stay together however long the history.
+    id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
     #: Commit-independent ordering key from a database sequence (filled by the database).
     seq = models.BigIntegerField(db_default=0, editable=False, unique=True)
     subject = models.CharField(max_length=200)

@@ -147,3 +147,24 @@ def test_emit_writes_without_the_model_save_machinery():
         post_save.disconnect(record, sender=OutboxEvent)
     assert saved == []
     assert [q["sql"].split()[0] for q in queries.captured_queries if "outbox_outboxevent" in q["sql"]] == ["INSERT"]
+
+
+@pytest.mark.django_db
+def test_event_ids_are_uuid7_carrying_the_millisecond_they_were_emitted():
+    import time
+    import uuid
+
+    ids = []
+    for n in range(3):
+        before = time.time_ns() // 1_000_000
+        with transaction.atomic():
+            ids.append((before, emit(created(id=f"t-{n}")).id, time.time_ns() // 1_000_000))
+        while time.time_ns() // 1_000_000 == ids[-1][2]:  # the next one in a later millisecond
+            time.sleep(0.0005)
+    for before, event_id, after in ids:
+        assert isinstance(event_id, uuid.UUID) and event_id.version == 7 and event_id.variant == uuid.RFC_4122
+        assert before <= event_id.int >> 80 <= after
+    # Time-ordered: ids of later milliseconds sort after earlier ones, as text and in the database.
+    assert [i for _, i, _ in ids] == sorted(i for _, i, _ in ids)
+    stored = list(OutboxEvent.objects.order_by("id").values_list("id", flat=True))
+    assert stored == [i for _, i, _ in ids]

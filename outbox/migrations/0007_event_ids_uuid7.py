@@ -1,0 +1,21 @@
+"""New event ids are UUIDv7 (outbox/ids.py): time-ordered, so the primary-key entries of new rows (and
+of their marks) stay at the right edge of the index however many published rows it holds. A model-side
+default only: the column, and the ids already written, do not change."""
+
+import outbox.ids
+from django.db import migrations, models
+
+
+class Migration(migrations.Migration):
+
+    dependencies = [
+        ('outbox', '0006_notify_trigger'),
+    ]
+
+    operations = [
+        migrations.AlterField(
+            model_name='outboxevent',
+            name='id',
+            field=models.UUIDField(default=outbox.ids.uuid7, editable=False, primary_key=True, serialize=False),
+        ),
+    ]
