@@ -461,13 +461,18 @@ SELECT e.id,
        CASE WHEN %(status)s::text = 'published' THEN %(stream)s::text ELSE '' END,
        CASE WHEN %(status)s::text = 'published' THEN e.g + 1 END
 FROM (
-    SELECT g, gen_random_uuid() AS id,
+    SELECT g,
+           -- A UUIDv7 as emit() makes them: 48 bits of Unix milliseconds (the clock as each row is
+           -- made, so later inserts sort after earlier ones), version 7, the rest random.
+           (lpad(to_hex((extract(epoch from clock_timestamp()) * 1000)::bigint), 12, '0')
+            || '7' || substr(r, 16, 3) || substr(r, 20, 4) || substr(r, 25, 12))::uuid AS id,
            md5('bench-ticket-' || (g %% %(aggregates)s))::uuid::text AS tid,
            (g / %(aggregates)s + %(version_offset)s)::int AS version,
            'Concert #' || (g %% %(aggregates)s) || ' - row ' || chr(65 + (g %% 26)) AS title,
            ((g %% %(aggregates)s) %% 900 + 10.5)::numeric AS price,
            'user-' || ((g %% %(aggregates)s) %% 1000) AS uid
-    FROM generate_series(%(start)s, %(start)s + %(count)s - 1) AS g
+    FROM generate_series(%(start)s, %(start)s + %(count)s - 1) AS g,
+         LATERAL (SELECT gen_random_uuid()::text || left(g::text, 0) AS r) AS random_part
     ORDER BY g
 ) AS e
 ORDER BY e.g
